@@ -1,0 +1,47 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Every failure moecli expects (a bad checkpoint, a bad flag, a failed download) raises a
+subclass of `MoecliError` carrying one line that says what is wrong and, in `hint`, what to do.
+The CLI turns these into a single stderr line and a non-zero exit code in one place
+(`moecli.cli`); nothing else catches and prints.
+"""
+from __future__ import annotations
+
+
+class MoecliError(Exception):
+    """Base class: `str(err)` is the problem, `err.hint` the fix (may be empty)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self}" + (f" — {self.hint}" if self.hint else "")
+
+
+class ConfigError(MoecliError):
+    """config.json is missing, malformed, or names an unsupported architecture."""
+
+
+class CheckpointError(MoecliError):
+    """A safetensors file or tensor is missing, truncated, corrupt or of the wrong shape."""
+
+
+class TokenizerError(MoecliError):
+    """The checkpoint's tokenizer or chat template cannot be loaded or rendered."""
+
+
+class DownloadError(MoecliError):
+    """The Hub could not deliver the requested repository or revision."""
+
+
+class UsageError(MoecliError):
+    """A flag, argument or chat command has an invalid value."""
+
+    exit_code = 2
+
+
+class ResourceError(MoecliError):
+    """The machine lacks something needed: devices, memory or disk."""
