@@ -1,0 +1,74 @@
+"""A loaded model: its config, its parameters, and the compiled functions that run it.
+
+    model = load_model("path/to/checkpoint", dtype="float32")
+    logits = model(ids)                     # [batch, seq] -> float32 [batch, seq, vocab]
+    logits, routing = model(ids, return_routing=True)
+    cache = model.init_cache(batch=1, max_len=256)
+    logits, cache = model.step(ids, cache)  # KV-cached: ids sit at positions cache.pos..
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecli.checkpoint import load_params
+from moecli.config import ModelConfig, load_config
+from moecli.errors import UsageError
+from moecli.model import Cache, init_cache, transformed
+from moecli.moe import Routing
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: str):
+    """"auto" is bfloat16 on GPU/TPU and float32 on CPU, where XLA's bf16 matmuls are ~20x slower."""
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", f"choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Model:
+    """Parameters plus jitted forward functions. Build one with `load_model`."""
+
+    def __init__(self, config: ModelConfig, params: dict, source: str = ""):
+        self.config, self.params, self.source = config, params, source
+        self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        # apply(params, ids, cache=None) -> (logits, cache, routing): the pure function, to compose
+        self.apply = apply = transformed(config).apply
+        self._forward = jax.jit(lambda p, ids: apply(p, ids)[::2])
+        # The cache is donated: XLA updates it in place instead of copying it every step.
+        self._step = jax.jit(lambda p, ids, cache: apply(p, ids, cache)[:2], donate_argnums=(2,))
+
+    def __call__(self, ids, return_routing: bool = False) -> jax.Array | tuple[jax.Array, Routing]:
+        """Full causal forward: int [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        logits, routing = self._forward(self.params, jnp.asarray(ids, jnp.int32))
+        return (logits, routing) if return_routing else logits
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        return init_cache(self.config, batch, max_len, self.dtype)
+
+    def step(self, ids, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Run ids [batch, seq] at positions cache.pos.. through the cache (which is consumed)."""
+        return self._step(self.params, jnp.asarray(ids, jnp.int32), cache)
+
+    def with_config(self, **changes) -> "Model":
+        """The same weights under changed settings, e.g. `with_config(capacity_factor=1.25)`."""
+        return Model(self.config.replace(**changes), self.params, self.source)
+
+    @functools.cached_property
+    def n_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+
+
+def load_model(path: str | Path, dtype: str = "auto", capacity_factor: float = 0.0) -> Model:
+    """Load a Hugging Face-format checkpoint folder (config.json + safetensors)."""
+    config = load_config(path)
+    if capacity_factor:
+        config = config.replace(capacity_factor=capacity_factor)
+    return Model(config, load_params(path, config, resolve_dtype(dtype)), source=str(path))

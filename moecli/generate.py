@@ -1,0 +1,127 @@
+"""Autoregressive decoding: prefill the prompt into the KV cache, then one token per step.
+
+Everything runs in two jitted functions with static shapes, so nothing recompiles while you chat:
+- `prefill` takes a chunk of new tokens padded up to a length bucket (powers of two), writes their
+  keys/values at cache.pos and advances cache.pos by the real (unpadded) count. Padding sits after
+  the real tokens, so causal masking keeps it from affecting them, and the next write overwrites it.
+- `decode` feeds one token, samples the next on the device (`moecli.sampling`) and returns only
+  the token id to the host — never the [vocab] logits.
+Both donate the cache, so XLA updates it in place.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecli.engine import Model
+from moecli.errors import UsageError
+from moecli.model import Cache
+from moecli.sampling import SamplingParams, sample, sampler_state, update_seen
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, limit: int) -> int:
+    """The padded length for a chunk of n tokens: the next power of two >= n (at least 16),
+    capped at `limit` (the room left in the cache)."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), limit)
+
+
+class Decoder:
+    """A KV cache of fixed length plus the compiled prefill/decode steps for one model.
+
+    The cache survives between calls, so a chat only prefills each new turn's tokens."""
+
+    def __init__(self, model: Model, max_len: int, batch: int = 1):
+        self.model, self.max_len, self.batch = model, max_len, batch
+        self.cache: Cache = model.init_cache(batch, max_len)
+        self.seen = jnp.zeros((batch, model.config.vocab_size), bool)
+        self.pos = 0  # host copy of cache.pos, so the loop never waits on the device to read it
+
+        def prefill(params, ids, n_real, cache, seen):
+            logits, cache, _ = model.apply(params, ids, cache)
+            cache = cache._replace(pos=cache.pos - ids.shape[1] + n_real)
+            last = jnp.take(logits, n_real - 1, axis=1)                       # [batch, vocab]
+            mask = jnp.arange(ids.shape[1]) < n_real
+            seen = update_seen(seen, jnp.where(mask, ids, -1))  # padding (-1) is ignored
+            return last, cache, seen
+
+        def decode(params, token, cache, seen, settings, key):
+            logits, cache, _ = model.apply(params, token[:, None], cache)
+            seen = update_seen(seen, token[:, None])
+            return sample(logits[:, -1], key, settings, seen), cache, seen
+
+        self._prefill = jax.jit(prefill, donate_argnums=(3, 4))
+        self._decode = jax.jit(decode, donate_argnums=(2, 3))
+        self._sample = jax.jit(sample)
+
+    def reset(self) -> None:
+        self.cache = self.model.init_cache(self.batch, self.max_len)
+        self.seen = jnp.zeros_like(self.seen)
+        self.pos = 0
+
+    def rewind(self, pos: int) -> None:
+        """Forget everything after position `pos` (the stale entries are masked, then overwritten)."""
+        self.cache = self.cache._replace(pos=jnp.asarray(pos, jnp.int32))
+        self.pos = pos
+
+    def feed(self, ids: list[int]) -> jax.Array:
+        """Prefill `ids` after what the cache holds; returns the logits predicting the next token."""
+        if not ids:
+            raise UsageError("nothing to prefill", "give a non-empty prompt")
+        room = self.max_len - self.pos
+        if len(ids) > room:
+            raise UsageError(f"{len(ids)} tokens do not fit the {room} left in the context window",
+                             "shorten the prompt, lower --max-tokens, or start a new conversation")
+        logits = None
+        for start in range(0, len(ids), self.max_len):  # one chunk unless the prompt is huge
+            chunk = ids[start:start + self.max_len]
+            size = bucket(len(chunk), self.max_len - self.pos)
+            padded = np.zeros((self.batch, size), np.int32)
+            padded[:, :len(chunk)] = chunk
+            logits, self.cache, self.seen = self._prefill(
+                self.model.params, jnp.asarray(padded), jnp.int32(len(chunk)), self.cache, self.seen)
+            self.pos += len(chunk)
+        return logits
+
+    def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+               stop_ids: tuple[int, ...] = ()):
+        """Yield up to max_new_tokens sampled token ids after `prompt`, stopping after a stop id.
+
+        Each step dispatches the next decode before reading the current token on the host (JAX runs
+        asynchronously, so the round trip is hidden), and every token yielded is already in the
+        cache: a chat can continue from wherever the consumer stopped reading."""
+        params.validate()
+        if max_new_tokens <= 0:
+            raise UsageError(f"max tokens must be positive, got {max_new_tokens}",
+                             "pass --max-tokens 1 or more")
+        settings = sampler_state(params)
+        key = jax.random.PRNGKey(params.seed)
+        logits = self.feed(prompt)
+        key, sub = jax.random.split(key)
+        token = self._sample(logits, sub, settings, self.seen)
+        for i in range(max_new_tokens):
+            full = self.pos >= self.max_len
+            if not full:
+                key, sub = jax.random.split(key)
+                next_token, self.cache, self.seen = self._decode(
+                    self.model.params, token, self.cache, self.seen, settings, sub)
+                self.pos += 1
+            tid = int(token[0])
+            yield tid
+            if tid in stop_ids or full:
+                return
+            token = next_token
+
+
+def generate_tokens(model: Model, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                    repetition_penalty: float = 1.0, seed: int = 0,
+                    stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """KV-cached generation for one prompt; returns the new token ids (greedy at temperature 0)."""
+    prompt = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
+    decoder = Decoder(model, max_len=bucket(len(prompt) + max_new_tokens, 1 << 30))
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    return list(decoder.tokens(prompt, params, max_new_tokens, stop_ids))

@@ -1,0 +1,175 @@
+"""The transformer's building blocks: RMSNorm, rotary embeddings, grouped-query attention with a
+KV cache, and the SwiGLU MLP. The Mixture-of-Experts block lives in `moecli.moe`.
+
+Numerics: norms, rotary embeddings, attention scores and the attention softmax run in float32
+whatever the weights' dtype; bfloat16 keeps too few mantissa bits (8) for a sum of squares or a
+softmax over thousands of keys. Matmul inputs stay in the weights' dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecli.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(hk.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * scale, without LayerNorm's mean
+    subtraction and bias. Computed in float32, returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float, name: str | None = None):
+        super().__init__(name=name)
+        self.dim, self.eps = dim, eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = hk.get_parameter("scale", [self.dim], init=jnp.ones)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+def rope_frequencies(head_dim: int, rope: RopeConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies theta^(-2i/d) for each pair of dimensions, and the cos/sin scale.
+
+    RoPE (Su et al. 2021, "RoFormer") encodes position p by rotating each pair of query/key
+    dimensions by the angle p * inv_freq[i], so q.k depends only on the distance between tokens.
+    Context-extension variants rescale the frequencies: "linear" divides every position by
+    `factor` (Chen et al. 2023); "yarn" (Peng et al. 2023) interpolates only the low
+    frequencies, keeps the high ones, and scales cos/sin by an attention factor.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.kind == "default":
+        return inv_freq, 1.0
+    if rope.kind == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.kind == "yarn":
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi)) / (
+                2 * math.log(rope.theta))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        keep = 1.0 - ramp  # 1 = keep the original (extrapolate), 0 = interpolate
+        inv_freq = (inv_freq / rope.factor) * (1 - keep) + inv_freq * keep
+        return inv_freq.astype(np.float32), rope.attention_factor
+    raise ValueError(f"unsupported rope kind {rope.kind!r}")
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """[x1, x2] -> [-x2, x1] over the last axis: transformers' "rotate-half" RoPE layout, which
+    pairs dimension i with i + d/2 (not 2i with 2i+1 as in the RoFormer paper)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float) -> jax.Array:
+    """Rotate x [batch, seq, heads, head_dim] by its tokens' positions [seq], in float32."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [seq, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]           # [1, seq, 1, d]
+    cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+class LayerCache(NamedTuple):
+    """One layer's KV cache, preallocated to a fixed length so shapes never change.
+
+    KV caching: during generation each new token attends to every earlier token, whose keys and
+    values do not change; storing them makes a decode step cost O(context) instead of
+    re-running the whole prefix. The write position is an array (in `moecli.model.Cache`), not a
+    Python int, so every decode step has the same shapes and compiles once.
+    """
+
+    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """Causal mask [q, k]: a query sees keys at or before its own position (and, with a sliding
+    window, fewer than `window` positions back)."""
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    return visible
+
+
+class Attention(hk.Module):
+    """Grouped-query attention (Ainslie et al. 2023, "GQA") with RoPE and an optional KV cache.
+
+    n_heads query heads share n_kv_heads key/value heads in groups of n_heads // n_kv_heads
+    (query head h reads kv head h // group). GQA shrinks the KV cache by that factor; MQA
+    (Shazeer 2019) is the extreme n_kv_heads = 1, and n_kv_heads = n_heads is plain multi-head.
+    Optional extras from the checkpoint families: q/k RMSNorm per head (Qwen3) or over the whole
+    projection (OLMoE), and clipping q, k, v to [-clip_qkv, clip_qkv] (OLMoE).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, name: str = "attn"):
+        super().__init__(name=name)
+        self.c, self.window = config, (config.sliding_window if config.uses_window(layer) else None)
+
+    def __call__(self, x, positions, cache: LayerCache | None, cache_pos):
+        c = self.c
+        batch, seq, _ = x.shape
+        group = c.n_heads // c.n_kv_heads
+        q = hk.Linear(c.n_heads * c.head_dim, with_bias=c.qkv_bias, name="q_proj")(x)
+        k = hk.Linear(c.n_kv_heads * c.head_dim, with_bias=c.qkv_bias, name="k_proj")(x)
+        v = hk.Linear(c.n_kv_heads * c.head_dim, with_bias=c.qkv_bias, name="v_proj")(x)
+        if c.qk_norm == "full":
+            q = RMSNorm(q.shape[-1], c.norm_eps, name="q_norm")(q)
+            k = RMSNorm(k.shape[-1], c.norm_eps, name="k_norm")(k)
+        if c.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.reshape(batch, seq, c.n_heads, c.head_dim)
+        k = k.reshape(batch, seq, c.n_kv_heads, c.head_dim)
+        v = v.reshape(batch, seq, c.n_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q = RMSNorm(c.head_dim, c.norm_eps, name="q_norm")(q)
+            k = RMSNorm(c.head_dim, c.norm_eps, name="k_norm")(k)
+        inv_freq, scale = rope_frequencies(c.head_dim, c.rope)
+        q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
+
+        if cache is None:
+            k_pos = positions
+        else:  # write this chunk at cache_pos, then attend over the whole (fixed-size) cache
+            start = (0, cache_pos, 0, 0)
+            cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                               jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+            k, v = cache.k, cache.v
+            k_pos = jnp.arange(k.shape[1])
+
+        q = q.reshape(batch, seq, c.n_kv_heads, group, c.head_dim)       # [b, t, kv, group, d]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                            preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
+        mask = attention_mask(positions, k_pos, self.window)             # [t, s]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)          # [b, kv, group, t, s]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, c.n_heads * c.head_dim)
+        return hk.Linear(c.d_model, with_bias=c.o_bias, name="o_proj")(out), cache
+
+
+class MLP(hk.Module):
+    """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"):
+    down(silu(gate(x)) * up(x)). Used for dense layers and for Qwen2-MoE's shared expert."""
+
+    def __init__(self, d_model: int, d_hidden: int, name: str = "mlp"):
+        super().__init__(name=name)
+        self.d_model, self.d_hidden = d_model, d_hidden
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = hk.Linear(self.d_hidden, with_bias=False, name="gate_proj")(x)
+        up = hk.Linear(self.d_hidden, with_bias=False, name="up_proj")(x)
+        return hk.Linear(self.d_model, with_bias=False, name="down_proj")(jax.nn.silu(gate) * up)

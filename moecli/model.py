@@ -1,0 +1,110 @@
+"""The MoE transformer: embeddings, n_layers pre-norm decoder layers, a final norm, the LM head.
+
+Each decoder layer is  x = x + attn(norm(x));  x = x + ffn(norm(x))  (pre-norm residual blocks, as
+in every model family moecli loads), where ffn is the MoE block or, on the layers the config marks
+dense, a plain SwiGLU MLP.
+
+Parameters live in Haiku's tree under these module paths (what `moecli.families` maps checkpoint
+tensors onto):
+    transformer/embed/embeddings                    [vocab, d_model]
+    transformer/layer_{i}/input_norm/scale          [d_model]
+    transformer/layer_{i}/attn/{q,k,v,o}_proj/w,b   [in, out]
+    transformer/layer_{i}/attn/{q,k}_norm/scale
+    transformer/layer_{i}/post_attn_norm/scale
+    transformer/layer_{i}/moe/router, w_gate, w_up, w_down   [d, e], [e, d, f], [e, d, f], [e, f, d]
+    transformer/layer_{i}/moe/shared_expert/{gate,up,down}_proj/w, .../moe/shared_expert_gate/w
+    transformer/layer_{i}/mlp/{gate,up,down}_proj/w
+    transformer/final_norm/scale,  transformer/lm_head  [d_model, vocab] (absent when tied)
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from moecli.config import ModelConfig
+from moecli.layers import MLP, Attention, LayerCache, RMSNorm
+from moecli.moe import MoEBlock, Routing
+
+
+class Cache(NamedTuple):
+    """The KV cache of every layer plus `pos`, how many positions are filled (int32 scalar)."""
+
+    layers: tuple[LayerCache, ...]
+    pos: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
+    layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                   for _ in range(config.n_layers))
+    return Cache(layers, jnp.zeros((), jnp.int32))
+
+
+class DecoderLayer(hk.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__(name=f"layer_{index}")
+        self.c, self.index = config, index
+
+    def __call__(self, x, positions, cache, cache_pos):
+        c = self.c
+        with jax.named_scope("attention"):
+            h = RMSNorm(c.d_model, c.norm_eps, name="input_norm")(x)
+            h, cache = Attention(c, self.index)(h, positions, cache, cache_pos)
+            x = x + h
+        h = RMSNorm(c.d_model, c.norm_eps, name="post_attn_norm")(x)
+        routing = None
+        if c.moe_layers[self.index]:
+            with jax.named_scope("moe"):
+                h, routing = MoEBlock(c)(h)
+        else:
+            with jax.named_scope("mlp"):
+                h = MLP(c.d_model, c.d_ff, name="mlp")(h)
+        return x + h, cache, routing
+
+
+class Transformer(hk.Module):
+    """ids [batch, seq] -> float32 logits [batch, seq, vocab], the new cache, and per-MoE-layer
+    routing. Without a cache this is the full causal forward over positions 0..seq-1; with one,
+    the tokens sit at positions cache.pos.. and their keys/values are written into the cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(name="transformer")
+        self.c = config
+
+    def __call__(self, ids: jax.Array, cache: Cache | None = None):
+        c = self.c
+        embed = hk.Embed(c.vocab_size, c.d_model, name="embed")
+        x = embed(ids)                                                    # [batch, seq, d_model]
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.pos
+        positions = start + jnp.arange(ids.shape[1], dtype=jnp.int32)   # [seq]
+        new_layers, routings = [], []
+        for i in range(c.n_layers):
+            layer_cache = None if cache is None else cache.layers[i]
+            x, layer_cache, routing = DecoderLayer(c, i)(x, positions, layer_cache, start)
+            new_layers.append(layer_cache)
+            if routing is not None:
+                routings.append(routing)
+        x = RMSNorm(c.d_model, c.norm_eps, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed.embeddings, preferred_element_type=jnp.float32)
+        else:
+            head = hk.get_parameter("lm_head", [c.d_model, c.vocab_size], x.dtype,
+                                    init=hk.initializers.TruncatedNormal(c.d_model ** -0.5))
+            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        new_cache = None if cache is None else Cache(tuple(new_layers), start + ids.shape[1])
+        return logits, new_cache, stack_routing(routings)
+
+
+def stack_routing(routings: list[Routing]) -> Routing | None:
+    """Per-layer Routing -> one Routing with a leading [n_moe_layers] axis."""
+    if not routings:
+        return None
+    return Routing(*(jnp.stack(parts) for parts in zip(*routings)))
+
+
+def transformed(config: ModelConfig) -> hk.Transformed:
+    """The pure functions init(rng, ids, cache) and apply(params, ids, cache) of the model."""
+    return hk.without_apply_rng(hk.transform(lambda ids, cache=None: Transformer(config)(ids, cache)))

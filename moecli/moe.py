@@ -1,0 +1,123 @@
+"""The Mixture-of-Experts block: a token-choice top-k router over SwiGLU experts.
+
+Mixture of Experts (Shazeer et al. 2017; GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021;
+Mixtral, Jiang et al. 2024): a layer holds n_experts feed-forward networks, and a small linear
+router picks top_k of them for each token. The model has the parameters of all experts but each
+token pays for only k, which is why a 47B-parameter Mixtral runs like a 13B one.
+
+Routing (token choice): router logits = x @ W_router; probabilities = softmax(logits) in float32;
+each token keeps its top_k experts and their probabilities, optionally renormalised to sum to 1
+(`norm_topk_prob`; Mixtral always does). The block's output is the weighted sum of the chosen
+experts' outputs, plus Qwen2-MoE's always-on shared expert scaled by sigmoid(x @ W_shared_gate).
+
+Two routing modes:
+- dropless (capacity_factor = 0, the inference default): every assignment is computed; exact.
+- capacity (capacity_factor > 0, as in GShard/Switch training): each expert has
+  C = ceil(capacity_factor * tokens * top_k / n_experts) slots for the whole batch. Assignments
+  claim slots first-come by token order (batch row, then position); an assignment that finds its
+  expert full is dropped: it contributes nothing, as if a no-op expert took it, and the token
+  keeps only the residual stream (plus its other experts). Its gate weight is not renormalised.
+  Fixed-size expert buffers [n_experts, C, d_model] give static shapes, the reason training
+  systems use it.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from moecli.config import ModelConfig
+from moecli.layers import MLP
+
+
+class Routing(NamedTuple):
+    """What the router decided for each token of one MoE layer."""
+
+    experts: jax.Array  # int32 [batch, seq, top_k], best first
+    weights: jax.Array  # float32 [batch, seq, top_k], the gate weights applied
+    logits: jax.Array   # float32 [batch, seq, n_experts], for auxiliary losses and views
+
+
+def route(x: jax.Array, router_w: jax.Array, top_k: int, renormalise: bool) -> Routing:
+    """Token-choice top-k routing in float32 (bf16 logits make near-ties flip experts)."""
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if renormalise:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(experts.astype(jnp.int32), weights, logits)
+
+
+def swiglu(x, w_gate, w_up, w_down, up_spec: str, down_spec: str):
+    """The experts' SwiGLU, down(silu(x @ gate) * (x @ up)), batched over experts by einsum specs."""
+    hidden = jax.nn.silu(jnp.einsum(up_spec, x, w_gate)) * jnp.einsum(up_spec, x, w_up)
+    return jnp.einsum(down_spec, hidden, w_down)
+
+
+def experts_dense(x, w_gate, w_up, w_down, routing: Routing, n_experts: int):
+    """Dropless: every expert on every token, combined with a dense [tokens, n_experts] weight
+    matrix that is zero except at the chosen experts. Exact; costs n_experts/top_k more FLOPs than
+    needed, which matters only for long prompts."""
+    y = swiglu(x, w_gate, w_up, w_down, "td,edf->tef", "tef,efd->ted")                          # [t, e, d]
+    combine = jnp.sum(jax.nn.one_hot(routing.experts, n_experts) * routing.weights[..., None], axis=-2)
+    return jnp.einsum("te,ted->td", combine.astype(y.dtype), y)
+
+
+def experts_gathered(x, w_gate, w_up, w_down, routing: Routing):
+    """Dropless for a few tokens (decoding): gather each token's top_k experts' weights and run only
+    those, so a decode step reads k experts' weights instead of all of them."""
+    idx = routing.experts                                                       # [t, k]
+    y = swiglu(x, w_gate[idx], w_up[idx], w_down[idx], "td,tkdf->tkf", "tkf,tkfd->tkd")         # [t, k, d]
+    return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y)
+
+
+def experts_capacity(x, w_gate, w_up, w_down, routing: Routing, capacity: int, n_experts: int):
+    """Capacity routing: scatter assignments into [n_experts, capacity] slots, first-come by token
+    order; an assignment over capacity is dropped (passes through as the residual)."""
+    tokens, top_k = routing.experts.shape
+    expert = routing.experts.reshape(-1)                         # [t*k], token-major order
+    claims = jax.nn.one_hot(expert, n_experts, dtype=jnp.int32)  # [t*k, e]
+    slot = jnp.sum((jnp.cumsum(claims, axis=0) - 1) * claims, axis=-1)  # rank within its expert
+    slot = jnp.where(slot < capacity, slot, capacity)            # `capacity` = out of range: dropped
+    token = jnp.repeat(jnp.arange(tokens), top_k)
+    buffer = jnp.zeros((n_experts, capacity, x.shape[-1]), x.dtype)
+    buffer = buffer.at[expert, slot].set(x[token], mode="drop")                # [e, c, d]
+    out = swiglu(buffer, w_gate, w_up, w_down, "ecd,edf->ecf", "ecf,efd->ecd")                  # [e, c, d]
+    y = out.at[expert, slot].get(mode="fill", fill_value=0).reshape(tokens, top_k, -1)
+    return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y)
+
+
+class MoEBlock(hk.Module):
+    """Router + stacked experts (+ optional shared expert). Returns (output, Routing)."""
+
+    def __init__(self, config: ModelConfig, name: str = "moe"):
+        super().__init__(name=name)
+        self.c = config
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing]:
+        c = self.c
+        batch, seq, d = x.shape
+        router_w = hk.get_parameter("router", [d, c.n_experts], init=hk.initializers.TruncatedNormal(0.02))
+        init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
+        w_gate = hk.get_parameter("w_gate", [c.n_experts, d, c.d_expert], init=init)  # [e, d, f]
+        w_up = hk.get_parameter("w_up", [c.n_experts, d, c.d_expert], init=init)      # [e, d, f]
+        w_down = hk.get_parameter("w_down", [c.n_experts, c.d_expert, d], init=init)  # [e, f, d]
+
+        routing = route(x, router_w, c.top_k, c.norm_topk_prob)
+        flat = Routing(*(t.reshape(batch * seq, -1) for t in routing))
+        xs = x.reshape(batch * seq, d)
+        if c.capacity_factor > 0:
+            y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts)
+        elif batch * seq * c.top_k < c.n_experts:
+            y = experts_gathered(xs, w_gate, w_up, w_down, flat)
+        else:
+            y = experts_dense(xs, w_gate, w_up, w_down, flat, c.n_experts)
+        y = y.reshape(batch, seq, d)
+
+        if c.d_shared_expert:
+            shared = MLP(d, c.d_shared_expert, name="shared_expert")(x)
+            gate = hk.Linear(1, with_bias=False, name="shared_expert_gate")(x)
+            y = y + jax.nn.sigmoid(gate.astype(jnp.float32)).astype(x.dtype) * shared
+        return y, routing

@@ -1,0 +1,70 @@
+"""Tiny random Hugging Face transformers models: the oracle for moecli's parity tests.
+
+Each is built in float32 with eager attention and eager experts, its weights redrawn large enough
+that routing is decisive (transformers' 0.02 init leaves the router's top-k near ties, where
+float rounding alone can flip an expert), then saved with `save_pretrained`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import transformers
+
+CONFIGS = {
+    "mixtral": transformers.MixtralConfig,
+    "qwen2_moe": transformers.Qwen2MoeConfig,
+    "qwen3_moe": transformers.Qwen3MoeConfig,
+    "olmoe": transformers.OlmoeConfig,
+}
+
+BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+            max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build(model_type: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A tiny float32 model of `model_type`, its weights redrawn with `redraw`."""
+    cfg = CONFIGS[model_type](**{**BASE, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
+    redraw(model, seed)
+    return model.eval()
+
+
+def redraw(model: torch.nn.Module, seed: int) -> None:
+    """Weights ~ N(0, 1/fan_in) (unit-scale activations), routers 4x that (decisive top-k),
+    norms 1 ± 0.2, biases ± 0.2, embeddings N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                std = 1 / math.sqrt(p.shape[-1])
+                if name.endswith("gate.weight") and "proj" not in name:
+                    std *= 4  # router (and shared-expert gate)
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def save(model, folder: Path, **kwargs) -> Path:
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def hf_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
