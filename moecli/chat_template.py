@@ -42,7 +42,7 @@ _HINT = "the checkpoint's chat template cannot render this conversation; fix the
 
 
 def _raise_exception(message):
-    raise TokenizerError(f"chat template error: {message}",
+    raise TokenizerError(f"chat template error: {' '.join(str(message).split())}",
                          "the template rejected this conversation (for example, roles must alternate user/assistant)")
 
 
@@ -113,7 +113,9 @@ def _plain(value):
     """A copy built from plain JSON types only, so the sandboxed template cannot reach live objects."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (str, bool, int, float)):
         return value

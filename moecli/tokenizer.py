@@ -20,8 +20,7 @@ for `eos_ids`, so generation stops on any of them.
 Printing while generating needs care: one character can span several tokens (byte fallback,
 byte-level BPE), and sentencepiece drops the leading space of whatever it decodes first, so
 decoding tokens one at a time gives wrong text. `IncrementalDecoder` decodes a short window of
-recent tokens and prints only the growth, holding back while the text ends in U+FFFD (the
-replacement character for an incomplete UTF-8 sequence).
+recent tokens and prints only the growth, holding back incomplete characters.
 """
 from __future__ import annotations
 
@@ -59,7 +58,7 @@ def _as_list(value) -> list[int]:
 class _HFTokenizers:
     """A `tokenizer.json` run by the `tokenizers` library, plus the tokens transformers adds to it."""
 
-    def __init__(self, path: Path, config: dict, named: list):
+    def __init__(self, path: Path, config: dict, named: list[str | None]):
         from tokenizers import AddedToken, Tokenizer as RustTokenizer
 
         try:
@@ -75,11 +74,13 @@ class _HFTokenizers:
             content = _content(entry)
             if content is None or content in known:
                 continue
-            opts = {k: entry[k] for k in ("lstrip", "rstrip", "single_word", "normalized") if isinstance(entry, dict) and k in entry}
-            self.tok.add_special_tokens([AddedToken(content, special=True, **opts)])
+            opts = {k: entry[k] for k in ("lstrip", "rstrip", "single_word", "normalized", "special")
+                    if isinstance(entry, dict) and k in entry}
+            self.tok.add_tokens([AddedToken(content, **{"special": True, **opts})])
             known.add(content)
         self.special_ids = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.byte_ids = {i for t, i in self.tok.get_vocab().items() if _BYTE_PIECE.fullmatch(t)}
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -94,7 +95,7 @@ class _HFTokenizers:
 class _SentencePiece:
     """A `tokenizer.model`, encoded and decoded the way transformers 5's LlamaTokenizer does."""
 
-    def __init__(self, path: Path, config: dict, named: list):
+    def __init__(self, path: Path, config: dict, named: list[str | None]):
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor()
@@ -117,13 +118,14 @@ class _SentencePiece:
         self.special_ids = set(self.added.values())
         self.id_to_added = {i: t for t, i in self.added.items()}
         self.vocab_size = max([n - 1, *self.special_ids]) + 1
+        self.byte_ids = {i for i in range(n) if self.sp.is_byte(i)}
         alternatives = sorted(self.added, key=len, reverse=True)
         self.split = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
         add_prefix_space = config.get("add_prefix_space")
         self.prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
         self.legacy = bool(config.get("legacy", False))
-        self.bos = self.added.get(_content(config.get("bos_token")) or "<s>")
-        self.eos = self.added.get(_content(config.get("eos_token")) or "</s>")
+        self.bos = self.added.get(named[0] or "<s>")
+        self.eos = self.added.get(named[1] or "</s>")
         self.add_bos = bool(config.get("add_bos_token", False)) and self.bos is not None
         self.add_eos = bool(config.get("add_eos_token", False)) and self.eos is not None
 
@@ -191,6 +193,8 @@ class Tokenizer:
         self.chat_template: str | None = chat_template
         self.folder = folder
         self.special_ids: frozenset[int] = frozenset(backend.special_ids)
+        #: Byte-fallback pieces ("<0xE4>"): text is made from a whole run of them at once.
+        self.byte_ids: frozenset[int] = frozenset(backend.byte_ids)
         #: Number of ids the tokenizer can produce, added tokens included (the model's
         #: embedding may be larger: vocabularies are often padded to a multiple of 64).
         self.vocab_size: int = backend.vocab_size
@@ -270,38 +274,42 @@ def _find_chat_template(folder: Path, config: dict) -> str | None:
 class IncrementalDecoder:
     """Turns a stream of token ids into text pieces that are safe to print as they come.
 
-    It keeps two offsets into the ids: text up to `read` has been printed, and `prefix` is where
-    the previous printed chunk's tokens started. Decoding ids[prefix:] and subtracting the
-    decode of ids[prefix:read] gives the new text with the right spacing, because both windows
-    start with the same tokens. The window stays short, so each step costs O(chunk), not O(n).
+    It keeps a short window of ids: the tokens of the last printed piece (`read` of them) and
+    the ones since. decode(window) minus decode(printed part) is the new text, with the right
+    spacing because both decodes start at the same token. New text is held back while it ends
+    in U+FFFD (an incomplete UTF-8 character from byte-level BPE) or while the last token is a
+    byte-fallback piece: a run of those is decoded as a whole (one U+FFFD per byte if the run is
+    not valid UTF-8), so it must end before its text is known. The pieces thus add up exactly to
+    `decode(all ids)`. Each step decodes only the window, so it costs O(piece), not O(n).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
-        self._prefix = self._read = 0
+        self._read = 0
 
     def add(self, token_id: int) -> str:
         """Feed one token id; return the text that became final (possibly "")."""
+        token_id = int(token_id)
         if self._skip and token_id in self._tok.special_ids:
-            return ""  # dropping it here keeps it from ever being a window's whole content
-        self._ids.append(int(token_id))
+            return ""  # decode would drop it anyway; here it can never be a whole window
+        self._ids.append(token_id)
+        if token_id in self._tok.byte_ids:
+            return ""
         return self._emit(final=False)
 
     def flush(self) -> str:
         """Return whatever is held back (e.g. an incomplete character at the end) and reset."""
         text = self._emit(final=True)
-        self._ids, self._prefix, self._read = [], 0, 0
+        self._ids, self._read = [], 0
         return text
 
     def _emit(self, final: bool) -> str:
-        decode = self._tok.decode
-        before = decode(self._ids[self._prefix:self._read], self._skip)
-        after = decode(self._ids[self._prefix:], self._skip)
+        before = self._tok.decode(self._ids[:self._read], self._skip)
+        after = self._tok.decode(self._ids, self._skip)
         if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
             return ""
-        # Drop the tokens that are behind the window for good: they will never be decoded again.
-        del self._ids[:self._read]
-        self._prefix, self._read = 0, len(self._ids)
+        del self._ids[:self._read]  # the older piece's tokens are never decoded again
+        self._read = len(self._ids)
         return after[len(before):]

@@ -25,13 +25,17 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Météo du jour <b>& co</b>",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
-# template file -> (tokenizer fixture, conversations the template accepts)
+# (template file, tokenizer fixture) -> conversations the template accepts. Mistral templates run
+# on both a sentencepiece tokenizer.model and a tokenizer.json with the same <s>, </s> tokens.
+ALL = ["one-turn", "multi-turn", "system"]
 CASES = {
-    "mistral-instruct.jinja": ("sp", ["one-turn", "multi-turn"]),
-    "mixtral-instruct-system.jinja": ("sp", ["one-turn", "multi-turn", "system"]),
-    "qwen2.5-instruct.jinja": ("chatml", ["one-turn", "multi-turn", "system"]),
-    "llama-3-instruct.jinja": ("llama3", ["one-turn", "multi-turn", "system"]),
-    "llama-3.2-instruct.jinja": ("llama3", ["one-turn", "multi-turn", "system"]),
+    ("mistral-instruct.jinja", "sp"): ALL[:2],
+    ("mistral-instruct.jinja", "mistral"): ALL[:2],
+    ("mixtral-instruct-system.jinja", "sp"): ALL,
+    ("mixtral-instruct-system.jinja", "mistral"): ALL,
+    ("qwen2.5-instruct.jinja", "chatml"): ALL,
+    ("llama-3-instruct.jinja", "llama3"): ALL,
+    ("llama-3.2-instruct.jinja", "llama3"): ALL,
 }
 
 
@@ -45,6 +49,8 @@ def tokenizers(tmp_path_factory):
         "chatml": make_bpe_tokenizer(root / "chatml"),
         "llama3": make_bpe_tokenizer(root / "llama3", special_tokens=LLAMA3_SPECIAL, bos_token="<|begin_of_text|>",
                                      eos_token="<|eot_id|>", pad_token=None, tokenizer_class="PreTrainedTokenizerFast"),
+        "mistral": make_bpe_tokenizer(root / "mistral", special_tokens=("<unk>", "<s>", "</s>"), bos_token="<s>",
+                                      eos_token="</s>", pad_token=None, tokenizer_class="PreTrainedTokenizerFast"),
     }
     out = {}
     for name, path in dirs.items():
@@ -69,9 +75,9 @@ def hf_ids(ref, template, messages, **kwargs):
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-@pytest.mark.parametrize("filename", sorted(CASES))
-def test_render_matches_transformers(tokenizers, filename, add_generation_prompt):
-    fixture, conversations = CASES[filename]
+@pytest.mark.parametrize("filename, fixture", sorted(CASES))
+def test_render_matches_transformers(tokenizers, filename, fixture, add_generation_prompt):
+    conversations = CASES[filename, fixture]
     ours, ref = pair(tokenizers, fixture)
     template = (TEMPLATES / filename).read_text(encoding="utf-8")
     for name in conversations:

@@ -1,0 +1,2 @@
+"""The `moe` subcommands, one module each; `moecli.cli` imports them and they register with
+`moecli.cli.command`."""
