@@ -10,6 +10,8 @@ Both donate the cache, so XLA updates it in place.
 """
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +40,7 @@ class Decoder:
         self.cache: Cache = model.init_cache(batch, max_len)
         self.seen = jnp.zeros((batch, model.config.vocab_size), bool)
         self.pos = 0  # host copy of cache.pos, so the loop never waits on the device to read it
+        self.ids: list[int] = []  # the tokens the cache holds, positions 0..pos-1
 
         def prefill(params, ids, n_real, cache, seen):
             logits, cache, _ = model.apply(params, ids, cache)
@@ -52,19 +55,31 @@ class Decoder:
             seen = update_seen(seen, token[:, None])
             return sample(logits[:, -1], key, settings, seen), cache, seen
 
-        self._prefill = jax.jit(prefill, donate_argnums=(3, 4))
-        self._decode = jax.jit(decode, donate_argnums=(2, 3))
-        self._sample = jax.jit(sample)
+        self._jitted = {"prefill": jax.jit(prefill, donate_argnums=(3, 4)),
+                        "decode": jax.jit(decode, donate_argnums=(2, 3)), "sample": jax.jit(sample)}
+        self._compiled: dict[tuple, object] = {}
+        self.compile_s = 0.0  # seconds spent compiling (or fetching from the persistent cache)
+
+    def _run(self, name: str, size: int, *args):
+        """Call a jitted step, compiling ahead of time once per (step, chunk size) so compile time is
+        measured apart from run time. Sizes are few: the prompt-length buckets, and 1 for decode."""
+        key = (name, size)
+        if key not in self._compiled:
+            start = time.perf_counter()
+            self._compiled[key] = self._jitted[name].lower(*args).compile()
+            self.compile_s += time.perf_counter() - start
+        return self._compiled[key](*args)
 
     def reset(self) -> None:
         self.cache = self.model.init_cache(self.batch, self.max_len)
         self.seen = jnp.zeros_like(self.seen)
-        self.pos = 0
+        self.pos, self.ids = 0, []
 
     def rewind(self, pos: int) -> None:
         """Forget everything after position `pos` (the stale entries are masked, then overwritten)."""
         self.cache = self.cache._replace(pos=jnp.asarray(pos, jnp.int32))
-        self.pos = pos
+        self.pos, self.ids = pos, self.ids[:pos]
+        self.seen = jnp.zeros_like(self.seen).at[:, jnp.asarray(self.ids, jnp.int32)].set(bool(self.ids))
 
     def feed(self, ids: list[int]) -> jax.Array:
         """Prefill `ids` after what the cache holds; returns the logits predicting the next token."""
@@ -80,9 +95,10 @@ class Decoder:
             size = bucket(len(chunk), self.max_len - self.pos)
             padded = np.zeros((self.batch, size), np.int32)
             padded[:, :len(chunk)] = chunk
-            logits, self.cache, self.seen = self._prefill(
-                self.model.params, jnp.asarray(padded), jnp.int32(len(chunk)), self.cache, self.seen)
+            logits, self.cache, self.seen = self._run(
+                "prefill", size, self.model.params, jnp.asarray(padded), jnp.int32(len(chunk)), self.cache, self.seen)
             self.pos += len(chunk)
+            self.ids.extend(chunk)
         return logits
 
     def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
@@ -100,15 +116,17 @@ class Decoder:
         key = jax.random.PRNGKey(params.seed)
         logits = self.feed(prompt)
         key, sub = jax.random.split(key)
-        token = self._sample(logits, sub, settings, self.seen)
+        token = self._run("sample", 1, logits, sub, settings, self.seen)
         for i in range(max_new_tokens):
             full = self.pos >= self.max_len
             if not full:
                 key, sub = jax.random.split(key)
-                next_token, self.cache, self.seen = self._decode(
-                    self.model.params, token, self.cache, self.seen, settings, sub)
+                next_token, self.cache, self.seen = self._run(
+                    "decode", 1, self.model.params, token, self.cache, self.seen, settings, sub)
                 self.pos += 1
             tid = int(token[0])
+            if not full:
+                self.ids.append(tid)
             yield tid
             if tid in stop_ids or full:
                 return

@@ -1,0 +1,203 @@
+"""`moe chat`: an interactive REPL over `moecli.conversation.ChatSession`.
+
+Input comes from prompt_toolkit (history in moecli's cache folder; Enter sends, Alt+Enter or
+Esc then Enter inserts a new line, pasted text keeps its newlines); replies stream as Markdown
+through rich. Ctrl-C during a reply stops it and keeps what was written (marked interrupted);
+Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.table import Table
+
+from moecli.cli import command, report
+from moecli.commands import options as opt
+from moecli.errors import MoecliError
+
+HELP = """\
+/help                 this help
+/clear                forget the conversation (keeps the system prompt)
+/system TEXT          set the system prompt (empty: remove it)
+/set NAME VALUE       temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty
+/stats                statistics of the last reply and the settings
+/save FILE            save messages, settings and model id as JSON
+/load FILE            load a chat saved with /save
+/exit                 leave (or Ctrl-D)
+Enter sends; Alt+Enter (or Esc, Enter) inserts a new line. Ctrl-C stops a reply."""
+
+
+class Interrupt:
+    """While a reply streams, Ctrl-C sets a flag the decoding loop polls between tokens, instead
+    of raising inside a device call (which could leave the donated KV cache half-updated)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def make_input(console: Console):
+    """A function that reads one message: prompt_toolkit on a terminal, plain lines otherwise."""
+    if not sys.stdin.isatty():
+        def read_plain() -> str:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        return read_plain
+
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    from moecli.runtime import cache_dir
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")
+    def _newline(event):
+        event.current_buffer.insert_text("\n")
+
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        history = FileHistory(str(cache_dir() / "chat_history"))
+    except OSError:
+        history = InMemoryHistory()
+    session = PromptSession(history=history, key_bindings=keys, multiline=False)
+    return lambda: session.prompt(">>> ")
+
+
+def stream_reply(console: Console, pieces) -> str:
+    """Print a streamed reply, as live Markdown on a terminal and as plain text otherwise."""
+    text = ""
+    if not console.is_terminal:
+        for piece in pieces:
+            text += piece
+            console.file.write(piece)
+            console.file.flush()
+        console.file.write("\n")
+        return text
+    with Live(Markdown(""), console=console, refresh_per_second=15, vertical_overflow="visible") as live:
+        for piece in pieces:
+            text += piece
+            live.update(Markdown(text))
+    return text
+
+
+def stats_table(chat) -> Table:
+    s = chat.last_stats
+    table = Table(show_header=False, box=None)
+    rows = [("prompt tokens (new / reused)", f"{s.prompt_tokens} / {s.reused_tokens}"),
+            ("prefill", f"{s.prefill_tok_s:.1f} tok/s"), ("generated tokens", str(s.generated_tokens)),
+            ("decode", f"{s.decode_tok_s:.1f} tok/s"), ("time to first token", f"{s.ttft_s:.3f} s"),
+            ("compile", f"{s.compile_s:.3f} s"), ("stopped by", s.stopped_by or "-"),
+            ("context used", f"{chat.decoder.pos} / {chat.decoder.max_len}")]
+    rows += [(name, str(value)) for name, value in chat.settings().items()]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def run_command(console: Console, chat, line: str) -> bool:
+    """Handle a /command; returns False to leave the REPL."""
+    from moecli.errors import UsageError
+
+    name, _, arg = line[1:].partition(" ")
+    arg = arg.strip()
+    if name in ("exit", "quit"):
+        return False
+    if name == "help":
+        console.print(HELP, markup=False)
+    elif name == "clear":
+        chat.clear()
+        console.print("[dim]conversation cleared[/dim]")
+    elif name == "system":
+        chat.system = arg or None
+        console.print(f"[dim]system prompt {'set' if arg else 'removed'}[/dim]")
+    elif name == "set":
+        setting, _, value = arg.partition(" ")
+        if not value.strip():
+            raise UsageError("usage: /set NAME VALUE", "e.g. /set temperature 0.5")
+        chat.set(setting, value.strip())
+        console.print(f"[dim]{setting} = {value.strip()}[/dim]")
+    elif name == "stats":
+        console.print(stats_table(chat))
+    elif name in ("save", "load"):
+        if not arg:
+            raise UsageError(f"usage: /{name} FILE", f"e.g. /{name} chat.json")
+        if name == "save":
+            console.print(f"[dim]saved to {chat.save(arg)}[/dim]")
+        else:
+            chat.load(arg)
+            console.print(f"[dim]loaded {len(chat.messages)} messages from {arg}[/dim]")
+    else:
+        raise UsageError(f"unknown command /{name}", "type /help for the list")
+    return True
+
+
+@command("chat")
+def chat(
+    model: Optional[str] = opt.Model, revision: Optional[str] = opt.Revision,
+    max_tokens: int = opt.MaxTokens, temperature: float = opt.Temperature, top_p: float = opt.TopP,
+    top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
+    seed: int = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
+    dtype: str = opt.Dtype, context: int = opt.Context,
+) -> None:
+    """Chat with a model in an interactive REPL (/help lists the commands)."""
+    from moecli.api import load
+    from moecli.conversation import ChatSession
+    from moecli.errors import UsageError
+
+    params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    if max_tokens <= 0:
+        raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
+    console = Console(highlight=False)
+    source = opt.model_source(model)
+    with console.status(f"loading {source} ..."):
+        m, tokenizer = load(source, dtype=dtype, revision=revision)
+    session = ChatSession(m, tokenizer, params, max_tokens=max_tokens, context=context, system=system,
+                          stop=tuple(stop or ()), model_id=source, revision=revision,
+                          notify=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+    console.print(f"[bold]moe chat[/bold] · {source} · context {session.decoder.max_len} tokens · "
+                  "/help for commands, Ctrl-D to leave")
+    read = make_input(console)
+    while True:
+        try:
+            line = read()
+        except KeyboardInterrupt:
+            continue  # Ctrl-C at the prompt clears the line
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not run_command(console, session, line.strip()):
+                    break
+                continue
+            with Interrupt() as interrupt:
+                stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested))
+            if session.last_stats.stopped_by == "interrupted":
+                console.print("[yellow][interrupted][/yellow]")
+        except MoecliError as err:
+            report(err)  # one line; the conversation goes on
+        except Exception as err:  # noqa: BLE001 - a failed reply must not lose the conversation
+            print(f"error: generation failed ({type(err).__name__}: {err}) — the conversation is kept; "
+                  "/save it or try again", file=sys.stderr)
+    console.print("[dim]bye[/dim]")

@@ -1,0 +1,36 @@
+"""Options shared by `moe generate` and `moe chat`, declared once."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from moecli.sampling import SamplingParams
+
+Model = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub repo id [default: the bundled model].")
+Revision = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when --model is a repo id.")
+MaxTokens = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate per reply.")
+Temperature = typer.Option(0.7, "--temperature", "-t", help="Sampling temperature; 0 is greedy.")
+TopP = typer.Option(0.95, "--top-p", help="Nucleus sampling: keep the smallest set with this much probability.")
+TopK = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off).")
+MinP = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability (0: off).")
+RepetitionPenalty = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already seen (1: off).")
+Seed = typer.Option(0, "--seed", help="Random seed; the same seed and settings give the same output.")
+System = typer.Option(None, "--system", help="System prompt (chat-template models).")
+Stop = typer.Option(None, "--stop", help="Stop when this string appears (not printed); repeatable.")
+Dtype = typer.Option("auto", "--dtype", help="Weights' dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16.")
+Context = typer.Option(4096, "--context", help="Context window in tokens (capped at the model's).")
+
+
+def sampling(temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
+             seed: int) -> SamplingParams:
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    params.validate()
+    return params
+
+
+def model_source(model: Optional[str]) -> str:
+    from moecli.bundled import bundled_model
+
+    return model if model else str(bundled_model())
