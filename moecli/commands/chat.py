@@ -11,10 +11,10 @@ import signal
 import sys
 from typing import List, Optional
 
-import typer
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from moecli.cli import command, report
@@ -83,8 +83,13 @@ def make_input(console: Console):
     return lambda: session.prompt(">>> ")
 
 
+CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\n\t")
+
+
 def stream_reply(console: Console, pieces) -> str:
-    """Print a streamed reply, as live Markdown on a terminal and as plain text otherwise."""
+    """Print a streamed reply, as live Markdown on a terminal and as plain text otherwise.
+    Control characters a model may emit are not sent to the terminal."""
+    pieces = (piece.translate(CONTROL) for piece in pieces)
     text = ""
     if not console.is_terminal:
         for piece in pieces:
@@ -173,7 +178,7 @@ def chat(
         m, tokenizer = load(source, dtype=dtype, revision=revision)
     session = ChatSession(m, tokenizer, params, max_tokens=max_tokens, context=context, system=system,
                           stop=tuple(stop or ()), model_id=source, revision=revision,
-                          notify=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+                          notify=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
     console.print(f"[bold]moe chat[/bold] · {source} · context {session.decoder.max_len} tokens · "
                   "/help for commands, Ctrl-D to leave")
     read = make_input(console)
@@ -194,7 +199,7 @@ def chat(
             with Interrupt() as interrupt:
                 stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested))
             if session.last_stats.stopped_by == "interrupted":
-                console.print("[yellow][interrupted][/yellow]")
+                console.print("[yellow]\\[interrupted][/yellow]")
         except MoecliError as err:
             report(err)  # one line; the conversation goes on
         except Exception as err:  # noqa: BLE001 - a failed reply must not lose the conversation

@@ -1,0 +1,105 @@
+"""ChatSession: KV-cache reuse across turns gives the same replies as re-prefilling everything,
+the context window drops old turns visibly, and failures never lose the conversation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from checkpoints import chat_checkpoint
+from moecli import load_model
+from moecli.conversation import ChatSession
+from moecli.errors import UsageError
+from moecli.sampling import SamplingParams
+from moecli.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    folder = chat_checkpoint(tmp_path_factory.mktemp("chatml"), "chatml")
+    return load_model(folder, dtype="float32"), Tokenizer.from_dir(folder)
+
+
+def session(parts, **kw):
+    model, tok = parts
+    notes = []
+    chat = ChatSession(model, tok, GREEDY, max_tokens=kw.pop("max_tokens", 8), notify=notes.append, **kw)
+    return chat, notes
+
+
+def test_cached_turns_equal_fresh_prefill(parts):
+    chat, _ = session(parts)
+    first = "".join(chat.reply("hello"))
+    second = "".join(chat.reply("and then?"))
+    assert chat.last_stats.reused_tokens > 10  # the first turn was not prefilled again
+
+    fresh, _ = session(parts)
+    fresh.messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]
+    assert "".join(fresh.reply("and then?")) == second
+    assert fresh.last_stats.reused_tokens == 0
+
+
+def test_interrupted_reply_is_kept_and_marked(parts):
+    chat, _ = session(parts, max_tokens=30)
+    calls = {"n": 0}
+
+    def stop_after_three():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    text = "".join(chat.reply("hello", should_stop=stop_after_three))
+    assert chat.last_stats.stopped_by == "interrupted"
+    assert chat.messages[-1] == {"role": "assistant", "content": text.strip(), "interrupted": True}
+    "".join(chat.reply("go on"))  # the conversation continues after the interruption
+    assert len(chat.messages) == 4
+
+
+def test_exception_during_generation_keeps_conversation(parts, monkeypatch):
+    chat, _ = session(parts)
+    "".join(chat.reply("hello"))
+
+    def boom(*a, **k):
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(chat.decoder, "feed", boom)
+    with pytest.raises(RuntimeError):
+        "".join(chat.reply("again"))
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    assert chat.messages[-1]["error"] is True
+    monkeypatch.undo()
+    "".join(chat.reply("once more"))  # the cache was rebuilt from the messages
+    assert len(chat.messages) == 6
+
+
+def test_full_context_drops_oldest_turns_with_notice(parts):
+    chat, notes = session(parts, context=160, max_tokens=8)
+    for i in range(6):
+        "".join(chat.reply(f"message number {i} with some words in it"))
+    assert any("dropped the oldest turn" in n for n in notes)
+    assert chat.messages[0]["role"] == "user" and "message number 0" not in chat.messages[0]["content"]
+
+
+def test_message_longer_than_context_is_refused(parts):
+    chat, _ = session(parts, context=120)
+    with pytest.raises(UsageError, match="context window"):
+        "".join(chat.reply("word " * 300))
+    assert chat.messages == []
+
+
+def test_save_and_load_roundtrip(parts, tmp_path):
+    chat, _ = session(parts)
+    chat.set("temperature", "0.5")
+    "".join(chat.reply("hello"))
+    path = chat.save(tmp_path / "c.json")
+    other, _ = session(parts)
+    other.load(path)
+    assert other.messages == chat.messages and other.params.temperature == 0.5
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UsageError, match="invalid JSON"):
+        other.load(tmp_path / "bad.json")
+    (tmp_path / "bad2.json").write_text(json.dumps({"messages": [{"role": "wizard"}]}))
+    with pytest.raises(UsageError, match="no valid messages"):
+        other.load(tmp_path / "bad2.json")
+    assert other.messages == chat.messages  # a failed load changes nothing
