@@ -274,6 +274,7 @@ def test_moe_download_command_prints_summary(fake, repo_files, tmp_path):
         assert word in result.stdout.lower(), word
     assert_same_files(tmp_path / "here", repo_files)
     gated = runner.invoke(app, ["download", "org/gated"])
-    assert gated.exit_code == 1 and gated.stderr.startswith("error:") and "token" in gated.stderr
+    last_line = gated.stderr.strip().splitlines()[-1]
+    assert gated.exit_code == 1 and last_line.startswith("error:") and "token" in last_line
     assert "Traceback" not in gated.output
     assert runner.invoke(app, ["download", "org/gated", "--token", "hf_good"]).exit_code == 0
