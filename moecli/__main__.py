@@ -1,0 +1,4 @@
+"""`python -m moecli` is `moe`."""
+from moecli.cli import app
+
+app(prog_name="moe")
