@@ -78,7 +78,7 @@ def _register_commands() -> None:
     """Import the command modules; each registers itself with `command`."""
     import importlib
 
-    for module in ("download", "generate", "chat", "train"):
+    for module in ("download", "generate", "chat", "train", "bench"):
         try:
             importlib.import_module(f"moecli.commands.{module}")
         except ModuleNotFoundError as err:

@@ -57,20 +57,65 @@ def swiglu(x, w_gate, w_up, w_down, up_spec: str, down_spec: str):
 
 
 def experts_dense(x, w_gate, w_up, w_down, routing: Routing, n_experts: int):
-    """Dropless: every expert on every token, combined with a dense [tokens, n_experts] weight
-    matrix that is zero except at the chosen experts. Exact; costs n_experts/top_k more FLOPs than
-    needed, which matters only for long prompts."""
+    """Dropless, the simplest way: every expert on every token, combined with a dense
+    [tokens, n_experts] weight matrix that is zero except at the chosen experts. Exact but
+    n_experts/top_k times the FLOPs; kept as the reference the faster paths are tested against."""
     y = swiglu(x, w_gate, w_up, w_down, "td,edf->tef", "tef,efd->ted")                          # [t, e, d]
     combine = jnp.sum(jax.nn.one_hot(routing.experts, n_experts) * routing.weights[..., None], axis=-2)
     return jnp.einsum("te,ted->td", combine.astype(y.dtype), y)
 
 
-def experts_gathered(x, w_gate, w_up, w_down, routing: Routing):
-    """Dropless for a few tokens (decoding): gather each token's top_k experts' weights and run only
-    those, so a decode step reads k experts' weights instead of all of them."""
-    idx = routing.experts                                                       # [t, k]
-    y = swiglu(x, w_gate[idx], w_up[idx], w_down[idx], "td,tkdf->tkf", "tkf,tkfd->tkd")         # [t, k, d]
-    return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y)
+def expert_ffn(x, w_gate, w_up, w_down, e):
+    """Expert e's SwiGLU on tokens x [n, d] as three plain 2-D dots, reading only its weights."""
+    return (jax.nn.silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]
+
+
+def experts_scanned(x, w_gate, w_up, w_down, routing: Routing):
+    """Dropless for a few tokens (decoding): a loop over the tokens*top_k assignments, each reading
+    only its own expert's weights through a dynamic index, so a decode step reads k experts, not
+    all of them. Plain matrix-vector products inside a scan beat gathering the k experts' weights
+    into a new array and a batched einsum (11 vs 1.4 GB/s measured on a 2-core CPU)."""
+    tokens, top_k = routing.experts.shape
+    expert, weight = routing.experts.reshape(-1), routing.weights.reshape(-1)
+    token = jnp.repeat(jnp.arange(tokens), top_k)
+
+    def one_assignment(out, i):
+        y = expert_ffn(x[token[i]][None], w_gate, w_up, w_down, expert[i])[0]
+        return out.at[token[i]].add(weight[i].astype(y.dtype) * y), None
+
+    return jax.lax.scan(one_assignment, jnp.zeros_like(x), jnp.arange(tokens * top_k))[0]
+
+
+def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int):
+    """Dropless for many tokens (prefill), block-sparse as in MegaBlocks (Gale et al. 2022): sort
+    the assignments by expert, pad each expert's group to a multiple of a block size, and run one
+    dense [block, d] x [d, f] product per block with that block's expert. FLOPs grow with top_k,
+    not n_experts, and shapes stay static: there are at most ceil(assignments / block) + n_experts
+    blocks (the spare ones compute on zeros). On CPU this is ~4x faster than all-experts dense
+    and ~40x faster than jax.lax.ragged_dot at a 512-token prompt."""
+    tokens, top_k = routing.experts.shape
+    d, n = x.shape[-1], tokens * top_k
+    block = min(128, max(8, 1 << (-(-n // n_experts) - 1).bit_length()))   # ~ tokens per expert
+    expert = routing.experts.reshape(-1)                                    # [n]
+    order = jnp.argsort(expert, stable=True)                                # grouped by expert
+    counts = jnp.bincount(expert, length=n_experts)
+    padded = -(-counts // block) * block
+    group_row = jnp.cumsum(padded) - padded                                 # first padded row
+    group_idx = jnp.cumsum(counts) - counts                                 # first sorted index
+    sorted_expert = expert[order]
+    rows = group_row[sorted_expert] + jnp.arange(n) - group_idx[sorted_expert]   # [n]
+    n_blocks = -(-n // block) + n_experts
+    xs = jnp.zeros((n_blocks * block, d), x.dtype).at[rows].set(x[order // top_k])
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_blocks) * block, side="right")
+    block_expert = jnp.minimum(block_expert, n_experts - 1)
+
+    def one_block(_, inputs):
+        xb, e = inputs
+        return 0, expert_ffn(xb, w_gate, w_up, w_down, e)
+
+    _, ys = jax.lax.scan(one_block, 0, (xs.reshape(n_blocks, block, d), block_expert))
+    y = jnp.zeros((n, d), ys.dtype).at[order].set(ys.reshape(-1, d)[rows])    # assignment order
+    return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y.reshape(tokens, top_k, d))
 
 
 def experts_capacity(x, w_gate, w_up, w_down, routing: Routing, capacity: int, n_experts: int):
@@ -111,9 +156,9 @@ class MoEBlock(hk.Module):
         if c.capacity_factor > 0:
             y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts)
         elif batch * seq * c.top_k < c.n_experts:
-            y = experts_gathered(xs, w_gate, w_up, w_down, flat)
+            y = experts_scanned(xs, w_gate, w_up, w_down, flat)
         else:
-            y = experts_dense(xs, w_gate, w_up, w_down, flat, c.n_experts)
+            y = experts_blocked(xs, w_gate, w_up, w_down, flat, c.n_experts)
         y = y.reshape(batch, seq, d)
 
         if c.d_shared_expert:

@@ -80,8 +80,8 @@ def test_small_capacity_drops_exactly_the_overflow(setup, capacity_factor):
     assert not np.allclose(np.asarray(got), np.asarray(dropless), atol=1e-3)
 
 
-def test_gathered_decode_path_equals_dense(setup):
-    """One token (decode) takes the gather-the-k-experts path; it must equal the dense path."""
+def test_scanned_decode_path_equals_dense(setup):
+    """One token (decode) takes the scan-over-assignments path; it must equal the dense path."""
     x, params = setup
     full, _ = block(0.0).apply(params, x)
     for t in range(3):
@@ -93,3 +93,22 @@ def test_capacity_formula():
     c = config(1.25)
     assert c.capacity(100) == math.ceil(1.25 * 100 * K / E)
     assert config(0.01).capacity(1) == 1
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40, 300])
+def test_fast_dropless_paths_equal_dense_reference(tokens):
+    """The scanned (few tokens) and block-sparse (many tokens) paths against all-experts dense."""
+    from moecli.moe import experts_blocked, experts_dense, experts_scanned, route
+
+    key = jax.random.PRNGKey(tokens)
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    n_experts, top_k = 6, 3
+    x = jax.random.normal(k1, (tokens, D))
+    w_gate, w_up = jax.random.normal(k2, (n_experts, D, F)), jax.random.normal(k3, (n_experts, D, F))
+    w_down = jax.random.normal(k4, (n_experts, F, D))
+    routing = route(x[None], jax.random.normal(k5, (D, n_experts)), top_k, True)
+    flat = type(routing)(*(t[0] for t in routing))
+    want = experts_dense(x, w_gate, w_up, w_down, flat, n_experts)
+    for got in (experts_scanned(x, w_gate, w_up, w_down, flat),
+                experts_blocked(x, w_gate, w_up, w_down, flat, n_experts)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)

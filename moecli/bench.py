@@ -1,0 +1,199 @@
+"""`moe bench`: load time, compile time, time to first token, prefill and decode speed, and peak
+memory, for moecli and (with --compare-hf) Hugging Face transformers on the same files.
+
+Each engine runs in its own subprocess (`python -m moecli.bench ENGINE FOLDER DTYPE ...`), so
+peak memory is its own and neither warms the other's caches; the parent collects one JSON line
+from each. Named shapes are written once as random safetensors checkpoints at real sizes under
+~/.cache/moecli/bench/, so both engines read identical files.
+
+The decode floor at batch 1: every generated token reads each active weight once, so
+tok/s <= memory bandwidth / active-weight bytes; see BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Real model shapes (config.json fields); weights are random.
+SHAPES: dict[str, dict] = {
+    "granite-1b-a400m": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=49155,
+                             hidden_size=1024, intermediate_size=512, num_hidden_layers=24, num_attention_heads=16,
+                             num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8),
+    "olmoe-1b-7b": dict(model_type="olmoe", architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048,
+                        intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+                        num_experts=64, num_experts_per_tok=8, clip_qkv=None, norm_topk_prob=False),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936,
+                          hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, tie_word_embeddings=False),
+    "mixtral-8x7b": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000,
+                         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+}
+COMMON = dict(rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0, hidden_act="silu",
+              bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+METRICS = ("load_s", "compile_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_host_mb", "peak_device_mb")
+
+
+def bench_dir() -> Path:
+    from moecli.runtime import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_bytes: int = 1 << 30) -> Path:
+    """Write a random checkpoint of a named shape (once; reused afterwards)."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    from moecli.families import checkpoint_tensors, config_from_hf
+
+    hf = {**COMMON, **SHAPES[shape], "torch_dtype": dtype, "dtype": dtype}
+    folder = folder or bench_dir() / f"{shape}-{dtype}"
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    table = checkpoint_tensors(config_from_hf(hf))
+    from moecli.export import export_names
+    config = config_from_hf(hf)
+    names = list(export_names(config))  # one name per tensor, as a Hub checkpoint writes them
+    rng = np.random.default_rng(0)
+    weight_map, shard, size, index = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, index
+        if shard:
+            index += 1
+            save_file(shard, str(folder / f"model-{index:05d}.safetensors"))
+            weight_map.update({n: f"model-{index:05d}.safetensors" for n in shard})
+            shard, size = {}, 0
+
+    for name in names:
+        spec = table[name]
+        scale = 1.0 if name.endswith("norm.weight") or "layernorm" in name else spec.shape[-1] ** -0.5
+        tensor = (rng.standard_normal(spec.shape, dtype=np.float32) * scale).astype(np_dtype)
+        if name.endswith("norm.weight") or "layernorm" in name:
+            tensor = np.ones(spec.shape, np_dtype)
+        shard[name] = tensor
+        size += tensor.nbytes
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return folder
+
+
+def peak_host_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------- the engines
+
+def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dict:
+    import jax
+
+    from moecli.engine import load_model
+    from moecli.generate import Decoder
+    from moecli.runtime import enable_compilation_cache
+    from moecli.sampling import SamplingParams
+
+    if os.environ.get("MOECLI_BENCH_COMPILE_CACHE"):
+        enable_compilation_cache()
+    start = time.perf_counter()
+    model = load_model(folder, dtype=dtype)
+    jax.block_until_ready(model.params)
+    load_s = time.perf_counter() - start
+    prompt = list(np.random.default_rng(1).integers(3, model.config.vocab_size, prompt_len))
+    decoder = Decoder(model, max_len=prompt_len + new_tokens + 16)
+    greedy = SamplingParams()
+    list(decoder.tokens(prompt, greedy, max_new_tokens=2))  # compile prefill + decode
+    compile_s = decoder.compile_s
+    decoder.reset()
+    start = time.perf_counter()
+    stamps = []
+    for _ in decoder.tokens(prompt, greedy, max_new_tokens=new_tokens):
+        stamps.append(time.perf_counter())
+    ttft = stamps[0] - start
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(load_s=load_s, compile_s=compile_s, ttft_s=ttft, prefill_tok_s=prompt_len / ttft,
+                decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), peak_host_mb=peak_host_mb(),
+                peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
+                device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
+
+
+def run_transformers(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dict:
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
+    load_s = time.perf_counter() - start
+    ids = torch.as_tensor(np.random.default_rng(1).integers(3, model.config.vocab_size, (1, prompt_len)),
+                          device=device)
+
+    class Clock:  # a streamer: generate() calls put() with the prompt, then once per new token
+        def __init__(self):
+            self.stamps = []
+
+        def put(self, _):
+            self.stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(n):
+        clock = Clock()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock,
+                           pad_token_id=0)
+        return start, clock.stamps[1:]
+
+    warm_start, _ = run(2)
+    compile_s = 0.0  # eager PyTorch: nothing to compile
+    start, stamps = run(new_tokens)
+    ttft = stamps[0] - start
+    return dict(load_s=load_s, compile_s=compile_s, ttft_s=ttft, prefill_tok_s=prompt_len / ttft,
+                decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), peak_host_mb=peak_host_mb(),
+                peak_device_mb=(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
+                device=device, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+
+def run_engine(engine: str, folder: Path, dtype: str, prompt_len: int, new_tokens: int, timeout: int) -> dict:
+    """Run one engine in a fresh subprocess and return its metrics."""
+    cmd = [sys.executable, "-m", "moecli.bench", engine, str(folder), dtype, str(prompt_len), str(new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        from moecli.errors import MoecliError
+
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MoecliError(f"the {engine} benchmark failed: {tail}", "run with --debug, or try a smaller shape")
+    return json.loads(lines[-1])
+
+
+def ratios(ours: dict, theirs: dict) -> dict:
+    return {"decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
+            "prefill": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
+
+
+if __name__ == "__main__":  # the worker: python -m moecli.bench ENGINE FOLDER DTYPE PROMPT_LEN NEW_TOKENS
+    engine, folder, dtype, prompt_len, new_tokens = sys.argv[1:6]
+    runner = run_moecli if engine == "moecli" else run_transformers
+    print(json.dumps(runner(folder, dtype, int(prompt_len), int(new_tokens))))
