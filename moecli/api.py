@@ -72,8 +72,13 @@ def load(path_or_repo: str | Path, dtype: str = "auto", revision: str | None = N
     return load_model(folder, dtype=dtype), Tokenizer.from_dir(folder)
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict], chat_template: bool = True) -> list[int]:
-    """Token ids for raw text, or for chat messages rendered with the checkpoint's template."""
+def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_template: bool = True) -> list[int]:
+    """Token ids for raw text, for chat messages rendered with the checkpoint's template, or
+    token ids given as they are."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        if not prompt:
+            raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
+        return list(prompt)
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
@@ -146,21 +151,28 @@ def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int]
     stats.decode_s = max(0.0, last - start - stats.ttft_s)
 
 
-def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict], *, max_tokens: int = 256,
-                    stop: tuple[str, ...] = (), chat_template: bool = True, context: int = DEFAULT_CONTEXT,
-                    stats: GenerationStats | None = None, **sampling) -> Iterator[str]:
-    """Yield the reply to `prompt` as text pieces. `sampling`: temperature, top_p, top_k, min_p,
-    repetition_penalty, seed (see `moecli.sampling.SamplingParams`)."""
+def decoder_for(model: Model, n_prompt: int, max_tokens: int, context: int = DEFAULT_CONTEXT) -> Decoder:
+    """A decoder whose cache fits the prompt and the reply (a bucket, so lengths share programs)."""
+    limit = min(context, model.config.max_position_embeddings)
+    if n_prompt >= limit:
+        raise UsageError(f"the prompt has {n_prompt} tokens but the context window is {limit}",
+                         "shorten the prompt (moecli does not truncate it silently)")
+    return Decoder(model, max_len=min(limit, bucket(n_prompt + max_tokens, 1 << 30)))
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict] | list[int], *,
+                    max_tokens: int = 256, stop: tuple[str, ...] = (), chat_template: bool = True,
+                    context: int = DEFAULT_CONTEXT, stats: GenerationStats | None = None,
+                    decoder: Decoder | None = None, **sampling) -> Iterator[str]:
+    """Yield the reply to `prompt` (text, chat messages or token ids) as text pieces. `sampling`:
+    temperature, top_p, top_k, min_p, repetition_penalty, seed (`moecli.sampling.SamplingParams`).
+    Pass a `decoder` (from `decoder_for`) to capture routing or mask experts on it."""
     params = SamplingParams(**sampling)
     params.validate()
     if max_tokens <= 0:
         raise UsageError(f"max tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
     ids = prompt_ids(tokenizer, prompt, chat_template)
-    limit = min(context, model.config.max_position_embeddings)
-    if len(ids) >= limit:
-        raise UsageError(f"the prompt has {len(ids)} tokens but the context window is {limit}",
-                         "shorten the prompt (moecli does not truncate it silently)")
-    decoder = Decoder(model, max_len=min(limit, bucket(len(ids) + max_tokens, 1 << 30)))
+    decoder = decoder or decoder_for(model, len(ids), max_tokens, context)
     yield from stream_tokens_as_text(decoder, tokenizer, ids, params, max_tokens, stop, stats)
 
 

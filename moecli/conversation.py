@@ -47,7 +47,10 @@ class ChatSession:
         _, fallback = chat_template_for(tokenizer)
         self.stop = tuple(stop) + (PLAIN_STOP_STRINGS if fallback else ())
         self.decoder = Decoder(model, max_len=min(context, model.config.max_position_embeddings))
+        self.decoder.capture_routing = any(model.config.moe_layers)  # for /experts
         self.last_stats = GenerationStats()
+        self.reply_span = (0, 0)          # positions of the last reply in the cache
+        self.disabled: dict[int, set[int]] = {}
 
     # -- the conversation ------------------------------------------------------------------------
     def full_messages(self) -> list[dict]:
@@ -94,6 +97,7 @@ class ChatSession:
             for piece in stream_tokens_as_text(self.decoder, self.tokenizer, ids[reuse:], self.params, budget,
                                                self.stop, self.last_stats, should_stop):
                 pieces.append(piece)
+                self.reply_span = (len(ids), self.decoder.pos)
                 yield piece
             if self.last_stats.stopped_by == "interrupted":
                 message["interrupted"] = True
@@ -105,6 +109,32 @@ class ChatSession:
             message["content"] = "".join(pieces).strip()
             self.messages.append(message)
         self.last_stats.reused_tokens = reuse
+
+    # -- experts ---------------------------------------------------------------------------------
+    def last_reply_routing(self) -> tuple[list[int], list]:
+        """(token ids, routing) of the last reply."""
+        start, end = self.reply_span
+        return self.decoder.ids[start:end], self.decoder.routing[start:end]
+
+    def mask(self, spec: str) -> None:
+        """Switch an expert off ("LAYER:EXPERT"); effective from the next reply."""
+        from moecli.routing import parse_mask
+
+        disabled = {k: set(v) for k, v in self.disabled.items()}
+        for layer, experts in parse_mask([spec], self.model.config).items():
+            disabled.setdefault(layer, set()).update(experts)
+        self.decoder.set_expert_mask(disabled)
+        self.disabled = disabled
+
+    def unmask(self, spec: str = "") -> None:
+        """Switch one expert ("LAYER:EXPERT") or, with no spec, every expert back on."""
+        from moecli.routing import parse_mask
+
+        disabled = {} if not spec else {k: set(v) for k, v in self.disabled.items()}
+        for layer, experts in (parse_mask([spec], self.model.config) if spec else {}).items():
+            disabled[layer] = disabled.get(layer, set()) - experts
+        self.decoder.set_expert_mask({k: v for k, v in disabled.items() if v})
+        self.disabled = {k: v for k, v in disabled.items() if v}
 
     def clear(self) -> None:
         self.messages = []

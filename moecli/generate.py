@@ -24,6 +24,11 @@ from moecli.sampling import SamplingParams, sample, sampler_state, update_seen
 MIN_BUCKET = 16
 
 
+def routing_of(routing):
+    """The parts of a Routing worth bringing to the host: (experts, weights), or None (no MoE)."""
+    return None if routing is None else (routing.experts, routing.weights)
+
+
 def bucket(n: int, limit: int) -> int:
     """The padded length for a chunk of n tokens: the next power of two >= n (at least 16),
     capped at `limit` (the room left in the cache)."""
@@ -41,19 +46,23 @@ class Decoder:
         self.seen = jnp.zeros((batch, model.config.vocab_size), bool)
         self.pos = 0  # host copy of cache.pos, so the loop never waits on the device to read it
         self.ids: list[int] = []  # the tokens the cache holds, positions 0..pos-1
+        # Expert ablation: True switches an expert off. An input array, so toggling never recompiles.
+        self.expert_mask = jnp.zeros((max(1, sum(model.config.moe_layers)), model.config.n_experts), bool)
+        # With capture_routing on, routing[i] = (experts, weights) [n_moe_layers, top_k] of ids[i].
+        self.capture_routing, self.routing = False, []
 
-        def prefill(params, ids, n_real, cache, seen):
-            logits, cache, _ = model.apply(params, ids, cache)
+        def prefill(params, ids, n_real, cache, seen, expert_mask):
+            logits, cache, routing = model.apply(params, ids, cache, expert_mask)
             cache = cache._replace(pos=cache.pos - ids.shape[1] + n_real)
             last = jnp.take(logits, n_real - 1, axis=1)                       # [batch, vocab]
             mask = jnp.arange(ids.shape[1]) < n_real
             seen = update_seen(seen, jnp.where(mask, ids, -1))  # padding (-1) is ignored
-            return last, cache, seen
+            return last, cache, seen, routing_of(routing)
 
-        def decode(params, token, cache, seen, settings, key):
-            logits, cache, _ = model.apply(params, token[:, None], cache)
+        def decode(params, token, cache, seen, expert_mask, settings, key):
+            logits, cache, routing = model.apply(params, token[:, None], cache, expert_mask)
             seen = update_seen(seen, token[:, None])
-            return sample(logits[:, -1], key, settings, seen), cache, seen
+            return sample(logits[:, -1], key, settings, seen), cache, seen, routing_of(routing)
 
         self._jitted = {"prefill": jax.jit(prefill, donate_argnums=(3, 4)),
                         "decode": jax.jit(decode, donate_argnums=(2, 3)), "sample": jax.jit(sample)}
@@ -70,15 +79,32 @@ class Decoder:
             self.compile_s += time.perf_counter() - start
         return self._compiled[key](*args)
 
+    def _record(self, routing, n: int) -> None:
+        """Keep the routing of the n tokens just fed (batch row 0), when capture is on."""
+        if self.capture_routing and routing is not None:
+            experts, weights = (np.asarray(a)[:, 0, :n] for a in routing)     # [layers, n, k]
+            self.routing.extend(zip(experts.transpose(1, 0, 2), weights.transpose(1, 0, 2)))
+
+    def set_expert_mask(self, disabled: dict[int, set[int]]) -> None:
+        """Switch off experts: {moe_layer_index: {expert, ...}}; an empty dict restores all."""
+        c = self.model.config
+        mask = np.zeros(self.expert_mask.shape, bool)
+        for layer, experts in disabled.items():
+            mask[layer, list(experts)] = True
+            if c.n_experts - len(experts) < c.top_k:
+                raise UsageError(f"layer {layer} would keep {c.n_experts - len(experts)} experts, fewer than "
+                                 f"top_k={c.top_k}", "switch fewer experts off")
+        self.expert_mask = jnp.asarray(mask)
+
     def reset(self) -> None:
         self.cache = self.model.init_cache(self.batch, self.max_len)
         self.seen = jnp.zeros_like(self.seen)
-        self.pos, self.ids = 0, []
+        self.pos, self.ids, self.routing = 0, [], []
 
     def rewind(self, pos: int) -> None:
         """Forget everything after position `pos` (the stale entries are masked, then overwritten)."""
         self.cache = self.cache._replace(pos=jnp.asarray(pos, jnp.int32))
-        self.pos, self.ids = pos, self.ids[:pos]
+        self.pos, self.ids, self.routing = pos, self.ids[:pos], self.routing[:pos]
         self.seen = jnp.zeros_like(self.seen).at[:, jnp.asarray(self.ids, jnp.int32)].set(bool(self.ids))
 
     def feed(self, ids: list[int]) -> jax.Array:
@@ -95,10 +121,12 @@ class Decoder:
             size = bucket(len(chunk), self.max_len - self.pos)
             padded = np.zeros((self.batch, size), np.int32)
             padded[:, :len(chunk)] = chunk
-            logits, self.cache, self.seen = self._run(
-                "prefill", size, self.model.params, jnp.asarray(padded), jnp.int32(len(chunk)), self.cache, self.seen)
+            logits, self.cache, self.seen, routing = self._run(
+                "prefill", size, self.model.params, jnp.asarray(padded), jnp.int32(len(chunk)), self.cache,
+                self.seen, self.expert_mask)
             self.pos += len(chunk)
             self.ids.extend(chunk)
+            self._record(routing, len(chunk))
         return logits
 
     def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
@@ -121,12 +149,13 @@ class Decoder:
             full = self.pos >= self.max_len
             if not full:
                 key, sub = jax.random.split(key)
-                next_token, self.cache, self.seen = self._run(
-                    "decode", 1, self.model.params, token, self.cache, self.seen, settings, sub)
+                next_token, self.cache, self.seen, routing = self._run(
+                    "decode", 1, self.model.params, token, self.cache, self.seen, self.expert_mask, settings, sub)
                 self.pos += 1
             tid = int(token[0])
             if not full:
                 self.ids.append(tid)
+                self._record(routing, 1)
             yield tid
             if tid in stop_ids or full:
                 return

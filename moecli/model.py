@@ -48,7 +48,7 @@ class DecoderLayer(hk.Module):
         super().__init__(name=f"layer_{index}")
         self.c, self.index = config, index
 
-    def __call__(self, x, positions, cache, cache_pos):
+    def __call__(self, x, positions, cache, cache_pos, disabled=None):
         c = self.c
         with jax.named_scope("attention"):
             h = RMSNorm(c.d_model, c.norm_eps, name="input_norm")(x)
@@ -58,7 +58,7 @@ class DecoderLayer(hk.Module):
         routing = None
         if c.moe_layers[self.index]:
             with jax.named_scope("moe"):
-                h, routing = MoEBlock(c)(h)
+                h, routing = MoEBlock(c)(h, disabled)
         else:
             with jax.named_scope("mlp"):
                 h = MLP(c.d_model, c.d_ff, name="mlp")(h)
@@ -68,13 +68,14 @@ class DecoderLayer(hk.Module):
 class Transformer(hk.Module):
     """ids [batch, seq] -> float32 logits [batch, seq, vocab], the new cache, and per-MoE-layer
     routing. Without a cache this is the full causal forward over positions 0..seq-1; with one,
-    the tokens sit at positions cache.pos.. and their keys/values are written into the cache."""
+    the tokens sit at positions cache.pos.. and their keys/values are written into the cache.
+    `expert_mask` (bool [n_moe_layers, n_experts], True = switched off) ablates experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(name="transformer")
         self.c = config
 
-    def __call__(self, ids: jax.Array, cache: Cache | None = None):
+    def __call__(self, ids: jax.Array, cache: Cache | None = None, expert_mask: jax.Array | None = None):
         c = self.c
         embed = hk.Embed(c.vocab_size, c.d_model, name="embed")
         x = embed(ids)                                                    # [batch, seq, d_model]
@@ -83,7 +84,8 @@ class Transformer(hk.Module):
         new_layers, routings = [], []
         for i in range(c.n_layers):
             layer_cache = None if cache is None else cache.layers[i]
-            x, layer_cache, routing = DecoderLayer(c, i)(x, positions, layer_cache, start)
+            disabled = None if expert_mask is None else expert_mask[len(routings)]
+            x, layer_cache, routing = DecoderLayer(c, i)(x, positions, layer_cache, start, disabled)
             new_layers.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
@@ -107,4 +109,5 @@ def stack_routing(routings: list[Routing]) -> Routing | None:
 
 def transformed(config: ModelConfig) -> hk.Transformed:
     """The pure functions init(rng, ids, cache) and apply(params, ids, cache) of the model."""
-    return hk.without_apply_rng(hk.transform(lambda ids, cache=None: Transformer(config)(ids, cache)))
+    return hk.without_apply_rng(hk.transform(
+        lambda ids, cache=None, expert_mask=None: Transformer(config)(ids, cache, expert_mask)))

@@ -40,9 +40,16 @@ class Routing(NamedTuple):
     logits: jax.Array   # float32 [batch, seq, n_experts], for auxiliary losses and views
 
 
-def route(x: jax.Array, router_w: jax.Array, top_k: int, renormalise: bool) -> Routing:
-    """Token-choice top-k routing in float32 (bf16 logits make near-ties flip experts)."""
+def route(x: jax.Array, router_w: jax.Array, top_k: int, renormalise: bool,
+          disabled: jax.Array | None = None) -> Routing:
+    """Token-choice top-k routing in float32 (bf16 logits make near-ties flip experts).
+
+    Ablation: experts marked in `disabled` [n_experts] get a router logit of -inf, so the softmax
+    spreads their probability over the remaining experts and each token's top_k are chosen among
+    those (i.e. its assignments are renormalised over the remaining experts, never dropped)."""
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    if disabled is not None:
+        logits = jnp.where(disabled, -jnp.inf, logits)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if renormalise:
@@ -141,7 +148,7 @@ class MoEBlock(hk.Module):
         super().__init__(name=name)
         self.c = config
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing]:
+    def __call__(self, x: jax.Array, disabled: jax.Array | None = None) -> tuple[jax.Array, Routing]:
         c = self.c
         batch, seq, d = x.shape
         router_w = hk.get_parameter("router", [d, c.n_experts], init=hk.initializers.TruncatedNormal(0.02))
@@ -150,7 +157,7 @@ class MoEBlock(hk.Module):
         w_up = hk.get_parameter("w_up", [c.n_experts, d, c.d_expert], init=init)      # [e, d, f]
         w_down = hk.get_parameter("w_down", [c.n_experts, c.d_expert, d], init=init)  # [e, f, d]
 
-        routing = route(x, router_w, c.top_k, c.norm_topk_prob)
+        routing = route(x, router_w, c.top_k, c.norm_topk_prob, disabled)
         flat = Routing(*(t.reshape(batch * seq, -1) for t in routing))
         xs = x.reshape(batch * seq, d)
         if c.capacity_factor > 0:

@@ -27,6 +27,8 @@ HELP = """\
 /system TEXT          set the system prompt (empty: remove it)
 /set NAME VALUE       temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty
 /stats                statistics of the last reply and the settings
+/experts [layer N]    the last reply coloured by expert (layer N), and the expert load per layer
+/mask LAYER:EXPERT    switch an expert off (tokens are re-routed to the others); /unmask [L:E] undoes
 /save FILE            save messages, settings and model id as JSON
 /load FILE            load a chat saved with /save
 /exit                 leave (or Ctrl-D)
@@ -119,6 +121,27 @@ def stats_table(chat) -> Table:
     return table
 
 
+def show_experts(console: Console, chat, arg: str) -> None:
+    from moecli.commands.generate import token_pieces
+    from moecli.errors import UsageError
+    from moecli.routing import load_table, moe_layer_numbers, token_view
+
+    config = chat.model.config
+    layers = moe_layer_numbers(config)
+    ids, routing = chat.last_reply_routing()
+    if not layers or not ids:
+        raise UsageError("no routing to show yet", "ask something first (and use a MoE model)")
+    words = arg.split()
+    if words and (words[0] != "layer" or len(words) != 2 or not words[1].isdigit()):
+        raise UsageError(f"bad /experts argument {arg!r}", "use /experts or /experts layer N")
+    layer = int(words[1]) if words else layers[-1]
+    console.print(token_view(token_pieces(chat.tokenizer, ids), routing, config, layer))
+    console.print(load_table(routing, config))
+    if chat.disabled:
+        off = ", ".join(f"{layers[j]}:{e}" for j, es in sorted(chat.disabled.items()) for e in sorted(es))
+        console.print(f"[dim]switched off: {off}[/dim]")
+
+
 def run_command(console: Console, chat, line: str) -> bool:
     """Handle a /command; returns False to leave the REPL."""
     from moecli.errors import UsageError
@@ -143,6 +166,14 @@ def run_command(console: Console, chat, line: str) -> bool:
         console.print(f"[dim]{setting} = {value.strip()}[/dim]")
     elif name == "stats":
         console.print(stats_table(chat))
+    elif name == "experts":
+        show_experts(console, chat, arg)
+    elif name == "mask":
+        chat.mask(arg)
+        console.print(f"[dim]expert {arg} is off from the next reply[/dim]")
+    elif name == "unmask":
+        chat.unmask(arg)
+        console.print(f"[dim]{'expert ' + arg if arg else 'all experts'} back on[/dim]")
     elif name in ("save", "load"):
         if not arg:
             raise UsageError(f"usage: /{name} FILE", f"e.g. /{name} chat.json")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -23,9 +24,17 @@ def generate(
                                           help="Continue the prompt as raw text, even for a chat model."),
     dtype: str = opt.Dtype, context: int = opt.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory statistics to stderr."),
+    routing_json: Optional[Path] = typer.Option(None, "--routing-json",
+                                                help="Write every token's experts and gate weights per MoE layer here."),
+    show_routing: bool = typer.Option(False, "--show-routing", help="Show the reply coloured by expert, and the "
+                                                                    "per-layer expert load, on stderr."),
+    routing_layer: Optional[int] = typer.Option(None, "--routing-layer", help="Layer for --show-routing's colours "
+                                                                              "[default: the last MoE layer]."),
+    mask: Optional[List[str]] = typer.Option(None, "--mask", help="Switch expert off, as LAYER:EXPERT; repeatable."),
 ) -> None:
     """Generate a reply to --prompt and stream it to stdout."""
-    from moecli.api import GenerationStats, load, stream_generate
+    from moecli.api import GenerationStats, decoder_for, load, prompt_ids, stream_generate
+    from moecli.routing import parse_mask
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -39,16 +48,52 @@ def generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system and not use_template:
         print("note: --system is ignored without a chat template", file=sys.stderr)
+    ids = prompt_ids(tokenizer, messages if use_template else prompt, use_template)
+    decoder = decoder_for(m, len(ids), max_tokens, context)
+    decoder.set_expert_mask(parse_mask(mask or [], m.config))
+    decoder.capture_routing = bool(routing_json or show_routing)
     stats = GenerationStats()
-    for piece in stream_generate(m, tokenizer, messages if use_template else prompt, max_tokens=max_tokens,
-                                 stop=tuple(stop or ()), chat_template=use_template, context=context, stats=stats,
-                                 **dataclasses.asdict(params)):
+    for piece in stream_generate(m, tokenizer, ids, max_tokens=max_tokens, stop=tuple(stop or ()), stats=stats,
+                                 decoder=decoder, **dataclasses.asdict(params)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if verbose:
         print_stats(stats)
+    if decoder.capture_routing:
+        report_routing(decoder, tokenizer, len(ids), routing_json, show_routing, routing_layer)
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text (empty while a multi-byte character is incomplete)."""
+    detok = tokenizer.incremental_decoder(skip_special_tokens=False)
+    pieces = [detok.add(t) for t in ids]
+    if pieces:
+        pieces[-1] += detok.flush()
+    return pieces
+
+
+def report_routing(decoder, tokenizer, n_prompt: int, routing_json, show: bool, layer) -> None:
+    import json
+
+    from rich.console import Console
+
+    from moecli.routing import load_table, moe_layer_numbers, routing_records, token_view
+
+    config = decoder.model.config
+    if not any(config.moe_layers):
+        print("note: this model has no MoE layers to show", file=sys.stderr)
+        return
+    pieces = token_pieces(tokenizer, decoder.ids)
+    if routing_json:
+        records = routing_records(decoder.ids, pieces, decoder.routing, config, n_prompt)
+        routing_json.write_text(json.dumps(records, ensure_ascii=False))
+    if show:
+        console = Console(stderr=True)
+        layer = moe_layer_numbers(config)[-1] if layer is None else layer
+        console.print(token_view(pieces[n_prompt:], decoder.routing[n_prompt:], config, layer))
+        console.print(load_table(decoder.routing, config))
 
 
 def print_stats(stats) -> None:
