@@ -63,13 +63,16 @@ def peak_memory_mb() -> tuple[float, float | None]:
     return host, (device / 2**20 if device is not None else None)
 
 
-def load(path_or_repo: str | Path, dtype: str = "auto", revision: str | None = None) -> tuple[Model, Tokenizer]:
-    """Load a model and its tokenizer from a local folder or a Hub repo id (downloaded if needed)."""
+def load(path_or_repo: str | Path, dtype: str = "auto", revision: str | None = None,
+         devices: int | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer from a local folder or a Hub repo id (downloaded if needed);
+    `devices` spreads the experts over that many devices."""
     from moecli.hub import resolve_model
 
     enable_compilation_cache()
     folder = resolve_model(str(path_or_repo), revision=revision)
-    return load_model(folder, dtype=dtype), Tokenizer.from_dir(folder)
+    tokenizer = Tokenizer.from_dir(folder)  # a missing tokenizer fails fast, before the weights load
+    return load_model(folder, dtype=dtype, devices=devices), tokenizer
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_template: bool = True) -> list[int]:
@@ -171,6 +174,8 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict]
     params.validate()
     if max_tokens <= 0:
         raise UsageError(f"max tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
+    if context <= 0:
+        raise UsageError(f"the context window must be positive, got {context}", "pass e.g. --context 4096")
     ids = prompt_ids(tokenizer, prompt, chat_template)
     decoder = decoder or decoder_for(model, len(ids), max_tokens, context)
     yield from stream_tokens_as_text(decoder, tokenizer, ids, params, max_tokens, stop, stats)

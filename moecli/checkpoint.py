@@ -9,8 +9,10 @@ as its last expert arrives. Host memory never holds two copies of the model.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +21,13 @@ import numpy as np
 from safetensors import safe_open
 
 from moecli.config import ModelConfig
-from moecli.errors import CheckpointError
+from moecli.errors import QUANTIZED_HINT, CheckpointError, ResourceError
 from moecli.families import checkpoint_tensors
 from moecli.model import transformed
+from moecli.placement import Placer
 
 FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
+SAFE_DTYPES = ("F32", "F16", "BF16")  # the same, as safetensors headers spell them
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 INDEX = "model.safetensors.index.json"
 
@@ -34,9 +38,13 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     index = folder / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            if not shards or not all(isinstance(s, str) and s and Path(s).name == s for s in shards):
+                raise TypeError("shard names must be file names in the checkpoint folder")
+        except OSError as err:
+            raise CheckpointError(f"cannot read {index}: {err.strerror or err}", "check the file's permissions") from None
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index} is not a valid safetensors index",
                                   "re-download the checkpoint") from None
         missing = [s for s in shards if not (folder / s).is_file()]
@@ -44,7 +52,7 @@ def safetensors_files(folder: str | Path) -> list[Path]:
             raise CheckpointError(f"shard {missing[0]} named by {INDEX} is missing from {folder}",
                                   "the download is incomplete; run `moe download` again to resume it")
         return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {folder}",
                               "moecli reads safetensors checkpoints only (not .bin, .pt or .gguf)")
@@ -52,17 +60,47 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every tensor of every file, one at a time."""
+    """(name, array) for every tensor of every file, one at a time.
+
+    Every file's header is checked first (complete, well formed, float dtypes only), so a truncated
+    shard or a quantized checkpoint fails at once, before minutes of loading the shards before it."""
+    from moecli.hub import SAFETENSORS_DTYPES, check_safetensors
+
     for path in files:
+        header, _ = check_safetensors(path)
+        for name, info in header.items():
+            dtype = info["dtype"] if name != "__metadata__" else "F32"
+            if dtype in SAFE_DTYPES or name.endswith(IGNORED_SUFFIXES):
+                continue
+            if dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"tensor {name} in {path.name} has an unknown dtype {dtype[:20]!r}",
+                                      "the file is corrupt or newer than this safetensors; re-download it")
+            if dtype in ("F64", "BOOL"):
+                raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}, which moecli "
+                                      "cannot load", "convert the checkpoint to float16, bfloat16 or float32")
+            raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}: quantized "
+                                  "checkpoints are not supported", QUANTIZED_HINT)
+
+    def damaged(path: Path, err: BaseException) -> CheckpointError:
+        lines = str(err).strip().splitlines()
+        return CheckpointError(f"{path.name} is truncated or corrupt ({lines[0][:160] if lines else type(err).__name__})",
+                               "re-download the checkpoint")
+
+    def guarded(path: Path, read):
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            return read()
         except CheckpointError:
             raise
-        except Exception as err:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"{path.name} is truncated or corrupt ({str(err).splitlines()[0]})",
-                                  "re-download the checkpoint") from None
+        except BaseException as err:  # safetensors raises several types, a Rust panic is a BaseException
+            if isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)):
+                raise
+            raise damaged(path, err) from None
+
+    for path in files:
+        handle = guarded(path, lambda: safe_open(str(path), framework="numpy"))
+        with handle as f:
+            for name in guarded(path, lambda: list(f.keys())):
+                yield name, guarded(path, lambda: f.get_tensor(name))
 
 
 def expected_params(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
@@ -71,13 +109,65 @@ def expected_params(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeSt
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
 
 
-def load_params(folder: str | Path, config: ModelConfig, dtype) -> dict:
-    """Read the checkpoint in `folder` into a Haiku parameter tree of `dtype` arrays."""
+class FreeMemory(NamedTuple):
+    free: int           # bytes
+    where: str          # "on cuda:0 (NVIDIA H100 80GB HBM3)", "in host memory"
+    accelerator: bool   # False: the weights live in host memory (CPU backend)
+
+
+def available_memory() -> FreeMemory | None:
+    """Memory free for the weights: the first device's allocator limit minus what it holds (GPU, TPU),
+    else the host's MemAvailable from /proc/meminfo (CPU backend on Linux); None where unknown."""
+    device = jax.devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        stats = {}
+    if stats.get("bytes_limit"):
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return FreeMemory(free, f"on {device.platform}:{device.id} ({device.device_kind})", True)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return FreeMemory(int(line.split()[1]) * 1024, "in host memory", False)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(config: ModelConfig, dtype, n_devices: int = 1) -> None:
+    """ResourceError, before anything is loaded, when the weights cannot fit: parameter count x dtype size
+    against `available_memory()` (times `n_devices` when the weights are spread over several devices).
+    MOECLI_NO_MEMORY_CHECK=1 skips the check."""
+    from moecli.progress import human_bytes
+
+    if os.environ.get("MOECLI_NO_MEMORY_CHECK", "") not in ("", "0"):
+        return
+    dtype = np.dtype(dtype)
+    needed = config.parameter_counts()[0] * dtype.itemsize
+    free = available_memory()
+    if free is None:
+        return
+    available = free.free * (n_devices if free.accelerator else 1)
+    if needed <= available:
+        return
+    fixes = ["--dtype bfloat16 (half the memory of float32)"] if dtype.itemsize > 2 else []
+    fixes += ["--devices N to spread the model over N devices"] if free.accelerator else []
+    fixes += ["a smaller model" + ("" if free.accelerator else ", or free host memory")]
+    raise ResourceError(
+        f"the weights need {human_bytes(needed)} in {dtype.name} but only {human_bytes(available)} is free "
+        f"{free.where}{f' x {n_devices} devices' if free.accelerator and n_devices > 1 else ''}",
+        "use " + ", or ".join(fixes) + " (MOECLI_NO_MEMORY_CHECK=1 skips this check)")
+
+
+def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> dict:
+    """Read the checkpoint in `folder` into a Haiku parameter tree of `dtype` arrays, placed on
+    the default device or, with a mesh, spread over its devices (`moecli.placement`)."""
+    check_memory(config, dtype)
     table = checkpoint_tensors(config)
     shapes = expected_params(config)
-    dtype = np.dtype(dtype)
-    params: dict[str, dict[str, jax.Array]] = {m: {} for m in shapes}
-    pending: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # stacked buffers, filled flags
+    placer = Placer(shapes, dtype, mesh)
 
     for name, tensor in iter_tensors(safetensors_files(folder)):
         spec = table.get(name)
@@ -90,34 +180,26 @@ def load_params(folder: str | Path, config: ModelConfig, dtype) -> dict:
             raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {spec.shape}",
                                   "config.json and the weights disagree; re-download the checkpoint")
         if tensor.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}, which moecli cannot run",
-                                  "use an unquantized float16/bfloat16/float32 checkpoint")
+            raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}: quantized and non-float checkpoints "
+                                  "are not supported", QUANTIZED_HINT)
         for t in spec.targets:
             part = tensor if t.rows is None else tensor[..., t.rows[0]:t.rows[1], :]
             part = np.swapaxes(part, -1, -2) if t.transpose else part
-            target_shape = shapes[t.module][t.param].shape
-            if t.expert is None:  # a whole parameter (fused experts included): straight to the device
-                params[t.module][t.param] = jnp.asarray(part.astype(dtype))
-                continue
-            key = (t.module, t.param)
-            if key not in pending:
-                pending[key] = (np.empty(target_shape, dtype), np.zeros(target_shape[0], bool))
-            buffer, filled = pending[key]
-            buffer[t.expert], filled[t.expert] = part, True
-            if filled.all():  # last expert arrived: move the stack to the device, free the buffer
-                params[t.module][t.param] = jnp.asarray(pending.pop(key)[0])
+            if t.expert is None:  # a whole parameter (fused experts included)
+                placer.whole(t.module, t.param, part)
+            else:                 # one expert of a stacked parameter
+                placer.expert(t.module, t.param, t.expert, part)
         del tensor
 
     for module, group in shapes.items():
         for param in group:
-            if param not in params[module]:
-                filled = pending[(module, param)][1] if (module, param) in pending else None
-                expert = int(np.argmin(filled)) if filled is not None else 0
+            if not placer.done(module, param):
+                expert = placer.first_missing_expert(module, param)
                 hf_name, spec = (table_targets(table, module, param, expert)
                                  or table_targets(table, module, param, None))[0]
                 raise CheckpointError(f"tensor {hf_name} (shape {spec.shape}) is missing from the checkpoint",
                                       "the download is incomplete or the weights belong to another model")
-    return params
+    return placer.params
 
 
 def table_targets(table, module: str, param: str, expert: int | None) -> list:

@@ -32,16 +32,49 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 
 def as_moecli_error(err: BaseException) -> MoecliError | None:
-    """Errors raised by libraries that deserve a one-line message too."""
+    """Errors raised by libraries that deserve a one-line message too: running out of host memory
+    (MemoryError) or device memory (XLA's RESOURCE_EXHAUSTED), while loading or generating."""
     text = str(err)
-    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
-        return ResourceError(f"out of memory ({text.splitlines()[0][:200] if text else 'MemoryError'})",
-                             "use --dtype bfloat16, more --devices, or a smaller model")
+    if isinstance(err, MemoryError):
+        return ResourceError("out of host memory" + (f" ({_first_line(text)[:160]})" if text else ""),
+                             "use --dtype bfloat16 (half the memory of float32), a smaller model, or free host memory")
+    lowered = text.lower()
+    if "resource_exhausted" in lowered or "resource exhausted" in lowered or "out of memory" in lowered:
+        return ResourceError(_oom_message(text), OOM_HINT)
     return None
 
 
+OOM_HINT = "use --dtype bfloat16 (half the memory of float32), --devices N to spread the model, or a smaller model"
+
+
+def _oom_message(text: str) -> str:
+    """'out of device memory: could not allocate 2.0 GiB (3.1 GiB free on cuda:0 (...))'."""
+    import re
+
+    from moecli.progress import human_bytes
+
+    found = (re.search(r"allocate (?:request for )?[^(]*?\((\d+)B\)", text)
+             or re.search(r"allocat\w* (\d+) bytes", text) or re.search(r"(\d+) bytes", text))
+    needed = f"could not allocate {human_bytes(int(found.group(1)))}" if found else _first_line(text)[:160]
+    try:
+        from moecli.checkpoint import available_memory
+
+        free = available_memory()
+    except Exception:  # noqa: BLE001 - the figure is a courtesy; the device may be in a bad state
+        free = None
+    where = f"; {human_bytes(free.free)} free {free.where}" if free is not None else ""
+    return f"out of {'host' if free is not None and not free.accelerator else 'device'} memory: {needed}{where}"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
 def report(err: MoecliError) -> int:
-    print(f"error: {err.one_line()}", file=sys.stderr)
+    """Print `error: what — fix` as exactly one line on stderr; return the exit code."""
+    line = " ".join(err.one_line().split())  # a message quoting a library may hold newlines
+    print(f"error: {line}", file=sys.stderr)
     return err.exit_code
 
 
@@ -78,7 +111,7 @@ def _register_commands() -> None:
     """Import the command modules; each registers itself with `command`."""
     import importlib
 
-    for module in ("download", "generate", "chat", "train", "bench"):
+    for module in ("download", "generate", "chat", "info", "train", "bench"):
         try:
             importlib.import_module(f"moecli.commands.{module}")
         except ModuleNotFoundError as err:

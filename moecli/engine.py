@@ -20,6 +20,7 @@ from moecli.config import ModelConfig, load_config
 from moecli.errors import UsageError
 from moecli.model import Cache, init_cache, transformed
 from moecli.moe import Routing
+from moecli.sharding import make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -36,11 +37,11 @@ def resolve_dtype(dtype: str):
 class Model:
     """Parameters plus jitted forward functions. Build one with `load_model`."""
 
-    def __init__(self, config: ModelConfig, params: dict, source: str = ""):
-        self.config, self.params, self.source = config, params, source
+    def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None):
+        self.config, self.params, self.source, self.mesh = config, params, source, mesh
         self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        # apply(params, ids, cache=None) -> (logits, cache, routing): the pure function, to compose
-        self.apply = apply = transformed(config).apply
+        # apply(params, ids, cache=None, expert_mask=None) -> (logits, cache, routing): to compose
+        self.apply = apply = transformed(config, mesh).apply
         self._forward = jax.jit(lambda p, ids: apply(p, ids)[::2])
         # The cache is donated: XLA updates it in place instead of copying it every step.
         self._step = jax.jit(lambda p, ids, cache: apply(p, ids, cache)[:2], donate_argnums=(2,))
@@ -59,16 +60,21 @@ class Model:
 
     def with_config(self, **changes) -> "Model":
         """The same weights under changed settings, e.g. `with_config(capacity_factor=1.25)`."""
-        return Model(self.config.replace(**changes), self.params, self.source)
+        return Model(self.config.replace(**changes), self.params, self.source, self.mesh)
 
     @functools.cached_property
     def n_params(self) -> int:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
 
-def load_model(path: str | Path, dtype: str = "auto", capacity_factor: float = 0.0) -> Model:
-    """Load a Hugging Face-format checkpoint folder (config.json + safetensors)."""
+def load_model(path: str | Path, dtype: str = "auto", capacity_factor: float = 0.0,
+               devices: int | None = None) -> Model:
+    """Load a Hugging Face-format checkpoint folder (config.json + safetensors).
+
+    devices: how many devices to spread the experts over (None: all local accelerators, all
+    devices of a multi-process run, or one CPU device); see `moecli.sharding`."""
     config = load_config(path)
     if capacity_factor:
         config = config.replace(capacity_factor=capacity_factor)
-    return Model(config, load_params(path, config, resolve_dtype(dtype)), source=str(path))
+    mesh = make_mesh(config, devices)
+    return Model(config, load_params(path, config, resolve_dtype(dtype), mesh), source=str(path), mesh=mesh)

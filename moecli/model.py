@@ -44,9 +44,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32)
 
 
 class DecoderLayer(hk.Module):
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int, mesh=None):
         super().__init__(name=f"layer_{index}")
-        self.c, self.index = config, index
+        self.c, self.index, self.mesh = config, index, mesh
 
     def __call__(self, x, positions, cache, cache_pos, disabled=None):
         c = self.c
@@ -58,7 +58,7 @@ class DecoderLayer(hk.Module):
         routing = None
         if c.moe_layers[self.index]:
             with jax.named_scope("moe"):
-                h, routing = MoEBlock(c)(h, disabled)
+                h, routing = MoEBlock(c, self.mesh)(h, disabled)
         else:
             with jax.named_scope("mlp"):
                 h = MLP(c.d_model, c.d_ff, name="mlp")(h)
@@ -71,9 +71,9 @@ class Transformer(hk.Module):
     the tokens sit at positions cache.pos.. and their keys/values are written into the cache.
     `expert_mask` (bool [n_moe_layers, n_experts], True = switched off) ablates experts."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, mesh=None):
         super().__init__(name="transformer")
-        self.c = config
+        self.c, self.mesh = config, mesh  # mesh: experts spread over devices (moecli.sharding)
 
     def __call__(self, ids: jax.Array, cache: Cache | None = None, expert_mask: jax.Array | None = None):
         c = self.c
@@ -85,7 +85,7 @@ class Transformer(hk.Module):
         for i in range(c.n_layers):
             layer_cache = None if cache is None else cache.layers[i]
             disabled = None if expert_mask is None else expert_mask[len(routings)]
-            x, layer_cache, routing = DecoderLayer(c, i)(x, positions, layer_cache, start, disabled)
+            x, layer_cache, routing = DecoderLayer(c, i, self.mesh)(x, positions, layer_cache, start, disabled)
             new_layers.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
@@ -107,7 +107,7 @@ def stack_routing(routings: list[Routing]) -> Routing | None:
     return Routing(*(jnp.stack(parts) for parts in zip(*routings)))
 
 
-def transformed(config: ModelConfig) -> hk.Transformed:
-    """The pure functions init(rng, ids, cache) and apply(params, ids, cache) of the model."""
+def transformed(config: ModelConfig, mesh=None) -> hk.Transformed:
+    """The pure functions init(rng, ids, cache) and apply(params, ids, cache, expert_mask)."""
     return hk.without_apply_rng(hk.transform(
-        lambda ids, cache=None, expert_mask=None: Transformer(config)(ids, cache, expert_mask)))
+        lambda ids, cache=None, expert_mask=None: Transformer(config, mesh)(ids, cache, expert_mask)))

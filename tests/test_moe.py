@@ -109,6 +109,15 @@ def test_fast_dropless_paths_equal_dense_reference(tokens):
     routing = route(x[None], jax.random.normal(k5, (D, n_experts)), top_k, True)
     flat = type(routing)(*(t[0] for t in routing))
     want = experts_dense(x, w_gate, w_up, w_down, flat, n_experts)
-    for got in (experts_scanned(x, w_gate, w_up, w_down, flat),
+    for got in (experts_scanned(x, w_gate, w_up, w_down, flat, n_experts),
                 experts_blocked(x, w_gate, w_up, w_down, flat, n_experts)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
+    # Expert ids >= n_local mean "on another device": skipped, as sharding renumbers them.
+    n_local = 4
+    elsewhere = flat._replace(experts=jnp.where(flat.experts < n_local, flat.experts, n_local),
+                              weights=jnp.where(flat.experts < n_local, flat.weights, 0.0))
+    want_local = experts_dense(x, w_gate, w_up, w_down, elsewhere._replace(
+        experts=jnp.minimum(elsewhere.experts, n_experts - 1)), n_experts)
+    for got in (experts_scanned(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local),
+                experts_blocked(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want_local), rtol=1e-4, atol=1e-3)

@@ -193,7 +193,7 @@ def chat(
     max_tokens: int = opt.MaxTokens, temperature: float = opt.Temperature, top_p: float = opt.TopP,
     top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
     seed: int = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
-    dtype: str = opt.Dtype, context: int = opt.Context,
+    dtype: str = opt.Dtype, context: int = opt.Context, devices: Optional[int] = opt.Devices,
 ) -> None:
     """Chat with a model in an interactive REPL (/help lists the commands)."""
     from moecli.api import load
@@ -206,7 +206,7 @@ def chat(
     console = Console(highlight=False)
     source = opt.model_source(model)
     with console.status(f"loading {source} ..."):
-        m, tokenizer = load(source, dtype=dtype, revision=revision)
+        m, tokenizer = load(source, dtype=dtype, revision=revision, devices=devices)
     session = ChatSession(m, tokenizer, params, max_tokens=max_tokens, context=context, system=system,
                           stop=tuple(stop or ()), model_id=source, revision=revision,
                           notify=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))

@@ -31,6 +31,8 @@ def generate(
     routing_layer: Optional[int] = typer.Option(None, "--routing-layer", help="Layer for --show-routing's colours "
                                                                               "[default: the last MoE layer]."),
     mask: Optional[List[str]] = typer.Option(None, "--mask", help="Switch expert off, as LAYER:EXPERT; repeatable."),
+    devices: Optional[int] = opt.Devices, coordinator: Optional[str] = opt.Coordinator,
+    num_processes: Optional[int] = opt.NumProcesses, process_id: Optional[int] = opt.ProcessId,
 ) -> None:
     """Generate a reply to --prompt and stream it to stdout."""
     from moecli.api import GenerationStats, decoder_for, load, prompt_ids, stream_generate
@@ -43,7 +45,10 @@ def generate(
     if max_tokens <= 0:
         raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
     params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
-    m, tokenizer = load(opt.model_source(model), dtype=dtype, revision=revision)
+    from moecli.runtime import init_distributed
+
+    init_distributed(coordinator, num_processes, process_id)
+    m, tokenizer = load(opt.model_source(model), dtype=dtype, revision=revision, devices=devices)
     use_template = not no_chat_template and tokenizer.chat_template is not None
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system and not use_template:

@@ -19,6 +19,11 @@ Seed = typer.Option(0, "--seed", help="Random seed; the same seed and settings g
 System = typer.Option(None, "--system", help="System prompt (chat-template models).")
 Stop = typer.Option(None, "--stop", help="Stop when this string appears (not printed); repeatable.")
 Dtype = typer.Option("auto", "--dtype", help="Weights' dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16.")
+Devices = typer.Option(None, "--devices", help="Spread the experts over N devices [default: all accelerators; 1 on CPU].")
+Coordinator = typer.Option(None, "--coordinator", help="Multi-host: the coordinator's HOST:PORT (run the same command "
+                                                       "on every host) [env: MOECLI_COORDINATOR].")
+NumProcesses = typer.Option(None, "--num-processes", help="Multi-host: how many processes [env: MOECLI_NUM_PROCESSES].")
+ProcessId = typer.Option(None, "--process-id", help="Multi-host: this process's id, 0..N-1 [env: MOECLI_PROCESS_ID].")
 Context = typer.Option(4096, "--context", help="Context window in tokens (capped at the model's).")
 
 
