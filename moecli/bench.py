@@ -39,6 +39,7 @@ SHAPES: dict[str, dict] = {
 COMMON = dict(rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0, hidden_act="silu",
               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 METRICS = ("load_s", "compile_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_host_mb", "peak_device_mb")
+FLOOR = ("bandwidth_gb_s", "active_gb_per_token", "decode_floor_tok_s", "decode_of_floor")
 
 
 def bench_dir() -> Path:
@@ -93,6 +94,30 @@ def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_by
     return folder
 
 
+def read_bandwidth_gb_s(gigabytes: float = 1.0) -> float:
+    """The device's memory bandwidth as seen by a streaming read (a sum over a large array)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((int(gigabytes * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        out = total(x)
+    out.block_until_ready()
+    return x.nbytes * 5 / (time.perf_counter() - start) / 1e9
+
+
+def decode_floor(config, itemsize: int, bandwidth_gb_s: float) -> dict:
+    """Batch-1 decoding reads every active weight once per token (the embedding table only one
+    row), so tok/s <= bandwidth / active bytes."""
+    _, active = config.parameter_counts()
+    active_bytes = (active - config.vocab_size * config.d_model * (0 if config.tie_embeddings else 1)) * itemsize
+    return dict(bandwidth_gb_s=bandwidth_gb_s, active_gb_per_token=active_bytes / 1e9,
+                decode_floor_tok_s=bandwidth_gb_s * 1e9 / active_bytes)
+
+
 def peak_host_mb() -> float:
     import resource
 
@@ -104,6 +129,7 @@ def peak_host_mb() -> float:
 def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dict:
     import jax
 
+    from moecli.config import load_config
     from moecli.engine import load_model
     from moecli.generate import Decoder
     from moecli.runtime import enable_compilation_cache
@@ -127,10 +153,15 @@ def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dic
         stamps.append(time.perf_counter())
     ttft = stamps[0] - start
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(load_s=load_s, compile_s=compile_s, ttft_s=ttft, prefill_tok_s=prompt_len / ttft,
-                decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), peak_host_mb=peak_host_mb(),
-                peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
-                device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
+    result = dict(load_s=load_s, compile_s=compile_s, ttft_s=ttft, prefill_tok_s=prompt_len / ttft,
+                  decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), peak_host_mb=peak_host_mb(),
+                  peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
+                  device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
+    del model, decoder
+    floor = decode_floor(load_config(folder), np.dtype(dtype).itemsize if dtype == "float32" else 2,
+                         read_bandwidth_gb_s())
+    floor["decode_of_floor"] = result["decode_tok_s"] / floor["decode_floor_tok_s"]
+    return {**result, **floor}
 
 
 def run_transformers(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dict:

@@ -35,7 +35,7 @@ def bench(
     if model in b.SHAPES:
         with console.status(f"writing random {model} weights ({dtype}) once ..."):
             folder = b.write_synthetic(model, dtype)
-        source = f"{model} (random weights, {folder})"
+        source = f"{model} (random weights)"
     elif Path(model).is_dir():
         folder, source = Path(model), model
     else:
@@ -54,7 +54,7 @@ def bench(
 
 
 def results_table(results: dict) -> Table:
-    from moecli.bench import METRICS
+    from moecli.bench import FLOOR, METRICS
 
     engines = [e for e in ("moecli", "transformers") if e in results]
     table = Table(title=f"{results['setup']['model']} · {results['setup']['dtype']} · "
@@ -70,6 +70,9 @@ def results_table(results: dict) -> Table:
             kind = {"decode_tok_s": "decode", "prefill_tok_s": "prefill"}.get(metric)
             row.append(f"{results['ratio'][kind]:.2f}x" if kind else "")
         table.add_row(*row)
+    for metric in FLOOR:
+        if metric in results["moecli"]:
+            table.add_row(metric, fmt(results["moecli"][metric]), *[""] * (len(engines) - 1 + ("ratio" in results)))
     table.add_row("device / versions", *[f"{results[e]['device']}, {results[e]['version']}" for e in engines],
                   *([""] if "ratio" in results else []))
     return table
