@@ -39,6 +39,7 @@ SHAPES: dict[str, dict] = {
 COMMON = dict(rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0, hidden_act="silu",
               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
 METRICS = ("load_s", "compile_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "peak_host_mb", "peak_device_mb")
+EXTRA = ("load_peak_host_mb", "checkpoint_mb")
 FLOOR = ("bandwidth_gb_s", "active_gb_per_token", "decode_floor_tok_s", "decode_of_floor")
 
 
@@ -118,6 +119,10 @@ def decode_floor(config, itemsize: int, bandwidth_gb_s: float) -> dict:
                 decode_floor_tok_s=bandwidth_gb_s * 1e9 / active_bytes)
 
 
+def checkpoint_mb(folder) -> float:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors")) / 2**20
+
+
 def peak_host_mb() -> float:
     import resource
 
@@ -140,7 +145,7 @@ def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dic
     start = time.perf_counter()
     model = load_model(folder, dtype=dtype)
     jax.block_until_ready(model.params)
-    load_s = time.perf_counter() - start
+    load_s, load_peak = time.perf_counter() - start, peak_host_mb()
     prompt = list(np.random.default_rng(1).integers(3, model.config.vocab_size, prompt_len))
     decoder = Decoder(model, max_len=prompt_len + new_tokens + 16)
     greedy = SamplingParams()
@@ -156,6 +161,7 @@ def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dic
     result = dict(load_s=load_s, compile_s=compile_s, ttft_s=ttft, prefill_tok_s=prompt_len / ttft,
                   decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), peak_host_mb=peak_host_mb(),
                   peak_device_mb=stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None,
+                  load_peak_host_mb=load_peak, checkpoint_mb=checkpoint_mb(folder),
                   device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
     del model, decoder
     floor = decode_floor(load_config(folder), np.dtype(dtype).itemsize if dtype == "float32" else 2,
@@ -172,7 +178,7 @@ def run_transformers(folder: str, dtype: str, prompt_len: int, new_tokens: int) 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(device).eval()
-    load_s = time.perf_counter() - start
+    load_s, load_peak = time.perf_counter() - start, peak_host_mb()
     ids = torch.as_tensor(np.random.default_rng(1).integers(3, model.config.vocab_size, (1, prompt_len)),
                           device=device)
 
@@ -203,7 +209,7 @@ def run_transformers(folder: str, dtype: str, prompt_len: int, new_tokens: int) 
     return dict(load_s=load_s, compile_s=compile_s, ttft_s=ttft, prefill_tok_s=prompt_len / ttft,
                 decode_tok_s=(len(stamps) - 1) / (stamps[-1] - stamps[0]), peak_host_mb=peak_host_mb(),
                 peak_device_mb=(torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None,
-                device=device, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
+                load_peak_host_mb=load_peak, checkpoint_mb=checkpoint_mb(folder), device=device, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 
 def run_engine(engine: str, folder: Path, dtype: str, prompt_len: int, new_tokens: int, timeout: int) -> dict:

@@ -54,7 +54,7 @@ def bench(
 
 
 def results_table(results: dict) -> Table:
-    from moecli.bench import FLOOR, METRICS
+    from moecli.bench import EXTRA, FLOOR, METRICS
 
     engines = [e for e in ("moecli", "transformers") if e in results]
     table = Table(title=f"{results['setup']['model']} · {results['setup']['dtype']} · "
@@ -64,7 +64,7 @@ def results_table(results: dict) -> Table:
         table.add_column(engine, justify="right")
     if "ratio" in results:
         table.add_column("moecli / transformers", justify="right")
-    for metric in METRICS:
+    for metric in METRICS + EXTRA:
         row = [metric] + [fmt(results[e].get(metric)) for e in engines]
         if "ratio" in results:
             kind = {"decode_tok_s": "decode", "prefill_tok_s": "prefill"}.get(metric)

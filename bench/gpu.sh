@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU benchmark, prepared as one script for a lent H100/H200 (the device tool): moecli and
+# transformers side by side in bf16 on the same random-weight checkpoints, the measured HBM
+# bandwidth (decode floor) in the same run, and the sharded path on one GPU.
+#
+#   Here, once:   echo /.whl/ >> .git/info/exclude
+#                 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                   --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#                   dm-haiku==0.0.17 jmp typer rich shellingham safetensors sentencepiece
+#   Device tool:  run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
+#
+# Results land in $OUT/*.json; copy the figures into BENCHMARKS.md with the device and versions.
+set -uo pipefail
+OUT=${OUT:-/tmp/moecli-gpu}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 MOECLI_CACHE=/tmp/moecli-cache
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import jax, torch, transformers; print(jax.__version__, jax.devices(), torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+# The big shape that fits: Mixtral-8x7B (93 GB bf16) only on an H200; Qwen3-30B-A3B (61 GB) on an H100.
+big=qwen3-30b-a3b
+python3 -c "import torch; exit(0 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 1)" && big=mixtral-8x7b
+for shape in olmoe-1b-7b "$big"; do
+  timeout 240 python3 -m moecli bench "$shape" --compare-hf --dtype bfloat16 --json "$OUT/$shape.json" 2>&1 | tail -25
+done
+# The sharded code path on one GPU (a mesh of one device still goes through shard_map when --devices
+# is given on a multi-GPU machine; on one GPU this checks placement and the single-device path).
+python3 -m moecli info olmoe-1b-7b 2>/dev/null || true
