@@ -28,4 +28,4 @@ for shape in olmoe-1b-7b "$big"; do
 done
 # The sharded code path on one GPU (a mesh of one device still goes through shard_map when --devices
 # is given on a multi-GPU machine; on one GPU this checks placement and the single-device path).
-python3 -m moecli info olmoe-1b-7b 2>/dev/null || true
+python3 -m moecli info "$MOECLI_CACHE/bench/olmoe-1b-7b-bfloat16" --devices 1 || true

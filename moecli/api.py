@@ -156,6 +156,8 @@ def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int]
 
 def decoder_for(model: Model, n_prompt: int, max_tokens: int, context: int = DEFAULT_CONTEXT) -> Decoder:
     """A decoder whose cache fits the prompt and the reply (a bucket, so lengths share programs)."""
+    if context <= 0:
+        raise UsageError(f"the context window must be positive, got {context}", "pass e.g. --context 4096")
     limit = min(context, model.config.max_position_embeddings)
     if n_prompt >= limit:
         raise UsageError(f"the prompt has {n_prompt} tokens but the context window is {limit}",
@@ -174,8 +176,6 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict]
     params.validate()
     if max_tokens <= 0:
         raise UsageError(f"max tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
-    if context <= 0:
-        raise UsageError(f"the context window must be positive, got {context}", "pass e.g. --context 4096")
     ids = prompt_ids(tokenizer, prompt, chat_template)
     decoder = decoder or decoder_for(model, len(ids), max_tokens, context)
     yield from stream_tokens_as_text(decoder, tokenizer, ids, params, max_tokens, stop, stats)

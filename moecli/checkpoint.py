@@ -59,27 +59,34 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def check_dtypes(path: Path, header: dict) -> None:
+    """CheckpointError naming the first tensor of a safetensors header that moecli cannot load: a quantized
+    one (int8, packed int4, float8, float4, ...) or another non-float (float64, bool)."""
+    from moecli.hub import SAFETENSORS_DTYPES
+
+    for name, info in header.items():
+        dtype = info["dtype"] if name != "__metadata__" else None
+        if dtype is None or dtype in SAFE_DTYPES or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name} in {path.name} has an unknown dtype {dtype[:20]!r}",
+                                  "the file is corrupt or newer than this safetensors; re-download it")
+        if dtype in ("F64", "BOOL"):
+            raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}, which moecli "
+                                  "cannot load", "convert the checkpoint to float16, bfloat16 or float32")
+        raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}: quantized "
+                              "checkpoints are not supported", QUANTIZED_HINT)
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every tensor of every file, one at a time.
 
     Every file's header is checked first (complete, well formed, float dtypes only), so a truncated
     shard or a quantized checkpoint fails at once, before minutes of loading the shards before it."""
-    from moecli.hub import SAFETENSORS_DTYPES, check_safetensors
+    from moecli.hub import check_safetensors
 
     for path in files:
-        header, _ = check_safetensors(path)
-        for name, info in header.items():
-            dtype = info["dtype"] if name != "__metadata__" else "F32"
-            if dtype in SAFE_DTYPES or name.endswith(IGNORED_SUFFIXES):
-                continue
-            if dtype not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"tensor {name} in {path.name} has an unknown dtype {dtype[:20]!r}",
-                                      "the file is corrupt or newer than this safetensors; re-download it")
-            if dtype in ("F64", "BOOL"):
-                raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}, which moecli "
-                                      "cannot load", "convert the checkpoint to float16, bfloat16 or float32")
-            raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}: quantized "
-                                  "checkpoints are not supported", QUANTIZED_HINT)
+        check_dtypes(path, check_safetensors(path)[0])
 
     def damaged(path: Path, err: BaseException) -> CheckpointError:
         lines = str(err).strip().splitlines()
@@ -138,33 +145,34 @@ def available_memory() -> FreeMemory | None:
 
 def check_memory(config: ModelConfig, dtype, n_devices: int = 1) -> None:
     """ResourceError, before anything is loaded, when the weights cannot fit: parameter count x dtype size
-    against `available_memory()` (times `n_devices` when the weights are spread over several devices).
-    MOECLI_NO_MEMORY_CHECK=1 skips the check."""
+    against `available_memory()`. Over `n_devices` accelerators each holds the replicated parameters plus
+    1/n_devices of the experts (`moecli.sharding`). MOECLI_NO_MEMORY_CHECK=1 skips the check."""
     from moecli.progress import human_bytes
 
     if os.environ.get("MOECLI_NO_MEMORY_CHECK", "") not in ("", "0"):
         return
-    dtype = np.dtype(dtype)
-    needed = config.parameter_counts()[0] * dtype.itemsize
     free = available_memory()
     if free is None:
         return
-    available = free.free * (n_devices if free.accelerator else 1)
-    if needed <= available:
+    dtype = np.dtype(dtype)
+    total = config.parameter_counts()[0]
+    experts = sum(config.moe_layers) * config.n_experts * 3 * config.d_model * config.d_expert
+    split = n_devices > 1 and free.accelerator  # CPU devices all share the host's memory
+    needed = (total - experts + -(-experts // n_devices) if split else total) * dtype.itemsize
+    if needed <= free.free:
         return
     fixes = ["--dtype bfloat16 (half the memory of float32)"] if dtype.itemsize > 2 else []
-    fixes += ["--devices N to spread the model over N devices"] if free.accelerator else []
+    fixes += [f"--devices N (more than {n_devices}) to spread the experts over N devices"] if free.accelerator else []
     fixes += ["a smaller model" + ("" if free.accelerator else ", or free host memory")]
-    raise ResourceError(
-        f"the weights need {human_bytes(needed)} in {dtype.name} but only {human_bytes(available)} is free "
-        f"{free.where}{f' x {n_devices} devices' if free.accelerator and n_devices > 1 else ''}",
-        "use " + ", or ".join(fixes) + " (MOECLI_NO_MEMORY_CHECK=1 skips this check)")
+    who = f"each of {n_devices} devices needs" if split else "the weights need"
+    raise ResourceError(f"{who} {human_bytes(needed)} in {dtype.name} but only {human_bytes(free.free)} is free "
+                        f"{free.where}", "use " + ", or ".join(fixes) + " (MOECLI_NO_MEMORY_CHECK=1 skips this check)")
 
 
 def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> dict:
     """Read the checkpoint in `folder` into a Haiku parameter tree of `dtype` arrays, placed on
     the default device or, with a mesh, spread over its devices (`moecli.placement`)."""
-    check_memory(config, dtype)
+    check_memory(config, dtype, 1 if mesh is None else mesh.devices.size)
     table = checkpoint_tensors(config)
     shapes = expected_params(config)
     placer = Placer(shapes, dtype, mesh)

@@ -7,6 +7,10 @@ The CLI turns these into a single stderr line and a non-zero exit code in one pl
 """
 from __future__ import annotations
 
+#: The fix for a quantized checkpoint, wherever it is detected (config.json or a tensor's dtype).
+QUANTIZED_HINT = ("use the model's unquantized float16/bfloat16 release "
+                  "(the repo without GPTQ, AWQ, FP8, 4bit or 8bit in its name)")
+
 
 class MoecliError(Exception):
     """Base class: `str(err)` is the problem, `err.hint` the fix (may be empty)."""

@@ -10,7 +10,7 @@ in the cache, so running the same command again fetches only what is missing.
 
 `resolve_model` turns a CLI argument (a folder or a repo id) into a folder, `validate_checkpoint`
 checks that folder (supported architecture, every shard present and complete) and summarises it,
-and `summary_table` renders that summary for the terminal.
+and `summary_table` renders that summary for the terminal. The progress bars live in `moecli.progress`.
 """
 from __future__ import annotations
 
@@ -20,14 +20,12 @@ import dataclasses
 import errno
 import json
 import struct
-import threading
 from pathlib import Path
 
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from moecli.errors import CheckpointError, DownloadError, MoecliError, ResourceError, UsageError
+from moecli.progress import _bar_class, _bars_disabled, _Progress, _quiet_hub_logs, human_bytes, human_count
 
 #: `allow_patterns` / `ignore_patterns` for `snapshot_download`: what inference reads, nothing else.
 INFERENCE_FILES: dict[str, list[str]] = {
@@ -123,7 +121,7 @@ def _snapshot(repo_id, revision, local_dir, token, progress) -> Path:
     hf = _hf()
     bars = _Progress(repo_id) if progress and not _bars_disabled() else None
     try:
-        with bars or contextlib.nullcontext():
+        with bars or contextlib.nullcontext(), _quiet_hub_logs():
             path = hf.snapshot_download(
                 repo_id, revision=revision, local_dir=str(local_dir) if local_dir is not None else None,
                 token=token or None, tqdm_class=_bar_class(bars),
@@ -260,121 +258,6 @@ def _has_token() -> bool:
         return False
 
 
-def _bars_disabled() -> bool:
-    try:
-        from huggingface_hub.utils import are_progress_bars_disabled
-        return are_progress_bars_disabled()
-    except ImportError:
-        return False
-
-
-# ----------------------------------------------------------------------------------------------
-# progress: the slice of tqdm's interface that snapshot_download uses, drawn with rich
-
-
-class _Amount(ProgressColumn):
-    """'12.3/45.6 MB  5.1 MB/s' for bytes, '3/7 files' for files."""
-
-    def render(self, task) -> Text:
-        if task.fields.get("unit") == "B":
-            total = human_bytes(int(task.total)) if task.total else "?"
-            speed = f"  {human_bytes(int(task.speed))}/s" if task.speed else ""
-            return Text(f"{human_bytes(int(task.completed))} / {total}{speed}", style="progress.download")
-        total = int(task.total) if task.total is not None else "?"
-        return Text(f"{int(task.completed)}/{total} files", style="progress.download")
-
-
-class _Progress(Progress):
-    def __init__(self, repo_id: str):
-        from rich.console import Console
-
-        super().__init__(TextColumn("[progress.description]{task.description}"), BarColumn(), _Amount(),
-                         TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-        self.repo_id = repo_id
-        self.bytes_shown = False
-
-
-class _Bar:
-    """A tqdm stand-in for huggingface_hub that forwards to a rich progress task (or to nothing)."""
-
-    progress: _Progress | None = None
-
-    def __init__(self, iterable=None, desc=None, total=None, initial=0, unit="it", disable=False,
-                 bar_format=None, **_):
-        self.iterable, self.n, self._total, self.desc, self.unit = iterable, initial or 0, total, desc or "", unit
-        self.task = None
-        self._lock = threading.Lock()  # huggingface_hub's download threads share one bar
-        progress = type(self).progress
-        if progress is None or disable:
-            return
-        if unit == "B":
-            # huggingface_hub draws two byte bars (network transfer, bytes written): show the one with a total
-            if progress.bytes_shown or (bar_format and "total" not in bar_format):
-                return
-            progress.bytes_shown = True
-            label = f"Downloading {progress.repo_id}"
-        else:
-            label = "Files"
-        self.task = progress.add_task(label, total=total or None, completed=self.n, unit=unit)
-
-    @property
-    def total(self):
-        return self._total
-
-    @total.setter
-    def total(self, value):
-        self._total = value
-        if self.task is not None:
-            self.progress.update(self.task, total=value or None)
-
-    @property
-    def format_dict(self) -> dict:
-        task = next((t for t in self.progress.tasks if t.id == self.task), None) if self.task is not None else None
-        speed = task.speed if task is not None else None
-        return {"n": self.n, "total": self._total, "rate": speed, "unit": self.unit}
-
-    def update(self, n=1):
-        with self._lock:
-            self.n += n or 0
-            if self.task is not None:
-                self.progress.update(self.task, completed=self.n)
-
-    def refresh(self, *_, **__):
-        pass
-
-    def set_description(self, desc=None, refresh=True):
-        self.desc = desc or ""
-
-    set_description_str = set_description
-
-    def set_postfix_str(self, s="", refresh=True):
-        pass
-
-    def set_postfix(self, *_, **__):
-        pass
-
-    def clear(self, *_, **__):
-        pass
-
-    def close(self):
-        pass
-
-    def __iter__(self):
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _bar_class(progress: _Progress | None) -> type[_Bar]:
-    return type("MoecliBar", (_Bar,), {"progress": progress})
-
-
 # ----------------------------------------------------------------------------------------------
 # checking a checkpoint folder
 
@@ -398,11 +281,11 @@ class CheckpointSummary:
 def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
     """Check a checkpoint folder before loading it and summarise it.
 
-    Raises `ConfigError` for a missing/unsupported config.json, `CheckpointError` for a missing shard
-    or a truncated/corrupt safetensors file (naming it). Reads only config.json and the safetensors
+    Raises `ConfigError` for a missing/unsupported config.json, `CheckpointError` for a missing shard,
+    a truncated/corrupt safetensors file or a quantized tensor (naming it). Reads only config.json and the safetensors
     headers, so it is fast on any size of model.
     """
-    from moecli.checkpoint import INDEX, safetensors_files
+    from moecli.checkpoint import INDEX, check_dtypes, safetensors_files
     from moecli.config import load_config, read_config_json
 
     folder = Path(folder)
@@ -413,7 +296,8 @@ def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
     names_by_file: dict[str, set[str]] = {}
     size = 0
     for path in files:
-        header, _ = _check_safetensors(path)
+        header, _ = check_safetensors(path)
+        check_dtypes(path, header)
         size += path.stat().st_size
         names_by_file[path.name] = {k for k in header if k != "__metadata__"}
         for name, info in header.items():
@@ -442,17 +326,18 @@ def incomplete_safetensors(folder: str | Path) -> list[Path]:
     bad = []
     for path in sorted(Path(folder).glob("*.safetensors")):
         try:
-            _check_safetensors(path)
+            check_safetensors(path)
         except CheckpointError:
             bad.append(path)
     return bad
 
 
-def _check_safetensors(path: Path) -> tuple[dict, int]:
-    """(header, expected size) of a safetensors file whose size matches its header exactly."""
+def check_safetensors(path: Path) -> tuple[dict, int]:
+    """(header, expected size) of a safetensors file whose size matches its header exactly; otherwise a
+    CheckpointError saying whether it is truncated (an interrupted download) or corrupt."""
     hint = "the download was interrupted; re-run `moe download` to resume it"
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -464,14 +349,16 @@ def _check_safetensors(path: Path) -> tuple[dict, int]:
             if 8 + header_len > size:
                 raise CheckpointError(f"{path.name} is truncated ({size} bytes, inside its header)", hint)
             header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path.name}: {err.strerror or err}", "check the file's permissions") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
         raise CheckpointError(f"{path.name} has a corrupt safetensors header", "download the checkpoint again") from None
     try:
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        if not all(isinstance(v["dtype"], str) and len(v["data_offsets"]) == 2 for v in tensors.values()):
+        if not all(isinstance(v["dtype"], str) and _offsets_ok(v["data_offsets"]) for v in tensors.values()):
             raise ValueError
-        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError):
         raise CheckpointError(f"{path.name} has a malformed safetensors header",
                               "download the checkpoint again") from None
     expected = 8 + header_len + end
@@ -481,6 +368,11 @@ def _check_safetensors(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path.name} is corrupt ({size} bytes where its header describes {expected})",
                               "download the checkpoint again")
     return header, expected
+
+
+def _offsets_ok(offsets) -> bool:
+    return (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1])
 
 
 def _remove_with_blob(path: Path) -> None:
@@ -509,24 +401,6 @@ def summary_table(summary: CheckpointSummary) -> Table:
     table.add_row("Weights", f"{summary.dtype}, {summary.shards} safetensors file"
                              f"{'s' if summary.shards != 1 else ''}, {human_bytes(summary.size_bytes)} on disk")
     return table
-
-
-def human_count(n: int) -> str:
-    """16080 -> '16.1K', 46_702_792_704 -> '46.7B'."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
-def human_bytes(n: int) -> str:
-    """Binary units: 64320 -> '62.8 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 __all__ = ["INFERENCE_FILES", "CheckpointSummary", "download", "resolve_model", "validate_checkpoint",

@@ -41,9 +41,14 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise TokenizerError(f"cannot read {path}: {err}", "the file is not valid JSON; re-download the checkpoint")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise TokenizerError(f"cannot read {path}: {reason}",
+                             "the file is not valid JSON; re-download the checkpoint") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} does not hold a JSON object", "re-download the checkpoint")
+    return data
 
 
 def _content(token) -> str | None:
@@ -214,6 +219,9 @@ class Tokenizer:
             backend = _HFTokenizers(folder / "tokenizer.json", config, tokens)
         elif (folder / "tokenizer.model").is_file():
             backend = _SentencePiece(folder / "tokenizer.model", config, tokens)
+        elif not (folder / "config.json").is_file():  # not a checkpoint at all: say that, not "no tokenizer"
+            raise TokenizerError(f"{folder} is not a Hugging Face checkpoint: no config.json, tokenizer.json or "
+                                 "tokenizer.model", "pass a checkpoint folder, or run `moe download REPO` first")
         else:
             raise TokenizerError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model",
                                  "download the tokenizer files with the weights, or pass a complete checkpoint")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from moecli.config import ModelConfig, RopeConfig
-from moecli.errors import ConfigError
+from moecli.config import MAX_DIM, MAX_LAYERS, ModelConfig, RopeConfig
+from moecli.errors import QUANTIZED_HINT, ConfigError
 
 
 class Target(NamedTuple):
@@ -33,6 +33,20 @@ class TensorSpec(NamedTuple):
 TensorMap = dict[str, TensorSpec]
 
 
+#: Inclusive bounds on config.json's integer fields: a value outside them is a damaged config, caught
+#: here before a family builds per-layer tuples or shapes from it.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                     "moe_intermediate_size", "max_position_embeddings", "original_max_position_embeddings",
+                     "sliding_window"), (1, MAX_DIM)),
+    **dict.fromkeys(("head_dim", "intermediate_size", "shared_expert_intermediate_size", "num_local_experts",
+                     "num_experts", "num_experts_per_tok", "max_window_layers"), (0, MAX_DIM)),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "decoder_sparse_step": (1, MAX_LAYERS),
+}
+DAMAGED = "the checkpoint's config.json is damaged; re-download it"
+
+
 class Fields:
     """Typed access to config.json with one-line errors naming the field."""
 
@@ -42,10 +56,19 @@ class Fields:
     def _check(self, key: str, value: Any, kind: type) -> Any:
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            try:
+                value, ok = float(value), True
+            except OverflowError:
+                ok = False
+        if ok and kind is float and not math.isfinite(value):
+            ok = False
         if not ok:
-            raise ConfigError(f"config.json field {key!r} must be {kind.__name__}, got {value!r}",
-                              "the checkpoint's config.json is damaged; re-download it")
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ConfigError(f"config.json field {key!r} must be {'a finite ' if kind is float else ''}"
+                              f"{kind.__name__}, got {shown}", DAMAGED)
+        if kind is int and key in INT_RANGES and not INT_RANGES[key][0] <= value <= INT_RANGES[key][1]:
+            low, high = INT_RANGES[key]
+            raise ConfigError(f"config.json field {key!r} must be between {low} and {high}, got {value}", DAMAGED)
         return value
 
     def need(self, key: str, kind: type = int, alias: str | None = None) -> Any:
@@ -67,7 +90,7 @@ def rope_from_hf(f: Fields, default_theta: float) -> RopeConfig:
     (transformers 5)."""
     params = f.hf.get("rope_parameters") or f.hf.get("rope_scaling") or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"config.json rope parameters must be an object, got {params!r}")
+        raise ConfigError(f"config.json rope parameters must be an object, got {type(params).__name__}", DAMAGED)
     p = Fields(params, f.family)
     theta = p.get("rope_theta", f.get("rope_theta", default_theta, float), float)
     kind = p.get("rope_type", p.get("type", "default", str), str)
@@ -78,7 +101,11 @@ def rope_from_hf(f: Fields, default_theta: float) -> RopeConfig:
     if kind == "yarn":
         max_pos = f.get("max_position_embeddings", 4096)
         original = p.get("original_max_position_embeddings", max_pos)
+        if original <= 0:
+            raise ConfigError(f"rope original_max_position_embeddings must be positive, got {original}", DAMAGED)
         factor = p.get("factor", max_pos / original, float)
+        if factor <= 0:
+            raise ConfigError(f"rope factor must be positive, got {factor}", DAMAGED)
 
         def mscale(scale: float, m: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
@@ -86,7 +113,10 @@ def rope_from_hf(f: Fields, default_theta: float) -> RopeConfig:
         attention_factor = p.get("attention_factor", None, float)
         if attention_factor is None:
             m, m_all = p.get("mscale", 0.0, float), p.get("mscale_all_dim", 0.0, float)
-            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+            divisor = mscale(factor, m_all) if m and m_all else 1.0
+            if divisor == 0:
+                raise ConfigError(f"rope mscale_all_dim={m_all} gives no usable attention factor", DAMAGED)
+            attention_factor = mscale(factor, m) / divisor if m and m_all else mscale(factor)
         return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_positions=original,
                           beta_fast=p.get("beta_fast", 32.0, float), beta_slow=p.get("beta_slow", 1.0, float),
                           attention_factor=attention_factor, truncate=p.get("truncate", True, bool))
@@ -99,13 +129,29 @@ def check_activation(f: Fields) -> None:
         raise ConfigError(f"hidden_act {act!r} is not supported", "moecli's experts are SwiGLU (silu)")
 
 
+def check_not_quantized(f: Fields) -> None:
+    """Quantized checkpoints (GPTQ, AWQ, bitsandbytes, FP8, ...) store packed integer or 8-bit weights plus
+    scales; moecli runs float weights only."""
+    quant = f.hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise ConfigError(f"quantized checkpoints are not supported (config.json has a quantization_config"
+                          f"{f', method {method}' if isinstance(method, str) else ''})", QUANTIZED_HINT)
+
+
 def eos_ids(f: Fields) -> tuple[int, ...]:
     eos = f.hf.get("eos_token_id")
-    return tuple(eos) if isinstance(eos, list) else (() if eos is None else (f.get("eos_token_id", 0),))
+    if isinstance(eos, list):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            raise ConfigError(f"config.json field 'eos_token_id' must be an int or a list of ints, got {eos!r}"[:200],
+                              DAMAGED)
+        return tuple(eos)
+    return () if eos is None else (f.get("eos_token_id", 0),)
 
 
 def base_fields(f: Fields) -> dict:
     """The ModelConfig fields every family reads the same way."""
+    check_not_quantized(f)
     check_activation(f)
     d_model, n_heads = f.need("hidden_size"), f.need("num_attention_heads")
     n_layers = f.need("num_hidden_layers")
