@@ -123,9 +123,9 @@ class FreeMemory(NamedTuple):
 
 
 def available_memory() -> FreeMemory | None:
-    """Memory free for the weights: the first device's allocator limit minus what it holds (GPU, TPU),
-    else the host's MemAvailable from /proc/meminfo (CPU backend on Linux); None where unknown."""
-    device = jax.devices()[0]
+    """Memory free for the weights: this process's first device's allocator limit minus what it holds
+    (GPU, TPU), else the host's MemAvailable from /proc/meminfo (CPU backend on Linux); None where unknown."""
+    device = jax.local_devices()[0]
     try:
         stats = device.memory_stats() or {}
     except Exception:  # noqa: BLE001 - a backend without memory statistics

@@ -47,7 +47,7 @@ INFERENCE_FILES: dict[str, list[str]] = {
     "ignore_patterns": ["*.bin", "*.pt", "*.pth", "*.gguf", "original/*", "*.msgpack", "*.h5", "*.onnx"],
 }
 
-AUTH_HINT = "set HF_TOKEN or pass --token; accept the licence on the model page"
+AUTH_HINT = "set HF_TOKEN (or use `moe download REPO --token T`); accept the licence on the model page"
 RESUME_HINT = "run the same command again to resume (finished files are kept)"
 OFFLINE_HINT = "connect to the network or unset HF_HUB_OFFLINE"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
@@ -149,7 +149,7 @@ def _map_error(err: BaseException, repo_id: str, revision: str | None, token: st
         return DownloadError(f"{repo_id} is a gated repository and {who} it", AUTH_HINT)
     if isinstance(err, _hf_error("RepositoryNotFoundError", ())):
         return DownloadError(f"repository {repo_id} was not found on the Hub ({_status(err)})",
-                             "check the repo id; if it is private, set HF_TOKEN or pass --token")
+                             "check the repo id; if it is private, set HF_TOKEN (or use `moe download --token`)")
     if isinstance(err, _hf_error("RevisionNotFoundError", ())):
         return DownloadError(f"revision {rev!r} was not found in {repo_id}",
                              "check the branch, tag or commit hash (the default is main)")
@@ -178,7 +178,7 @@ def _map_error(err: BaseException, repo_id: str, revision: str | None, token: st
                                  "the Hub may be down; try later and " + RESUME_HINT)
         return DownloadError(f"the Hub answered HTTP {code} for {repo_id}: {reason}", RESUME_HINT)
     if isinstance(err, _hf_error("LocalTokenNotFoundError", ())):
-        return DownloadError("no Hugging Face token was found", "set HF_TOKEN or pass --token")
+        return DownloadError("no Hugging Face token was found", "set HF_TOKEN or use `moe download --token`")
     if isinstance(err, _hf_error("HFValidationError", ())):
         return UsageError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id",
                           "pass a checkpoint directory or a repo id such as mistralai/Mixtral-8x7B-v0.1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from moecli.config import MAX_DIM, MAX_LAYERS, ModelConfig, RopeConfig
+from moecli.config import DAMAGED, MAX_DIM, MAX_LAYERS, ModelConfig, RopeConfig
 from moecli.errors import QUANTIZED_HINT, ConfigError
 
 
@@ -44,7 +44,6 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     "num_hidden_layers": (1, MAX_LAYERS),
     "decoder_sparse_step": (1, MAX_LAYERS),
 }
-DAMAGED = "the checkpoint's config.json is damaged; re-download it"
 
 
 class Fields:
@@ -100,9 +99,7 @@ def rope_from_hf(f: Fields, default_theta: float) -> RopeConfig:
         return RopeConfig(theta=theta, kind="linear", factor=p.need("factor", float))
     if kind == "yarn":
         max_pos = f.get("max_position_embeddings", 4096)
-        original = p.get("original_max_position_embeddings", max_pos)
-        if original <= 0:
-            raise ConfigError(f"rope original_max_position_embeddings must be positive, got {original}", DAMAGED)
+        original = p.get("original_max_position_embeddings", max_pos)  # >= 1: see INT_RANGES
         factor = p.get("factor", max_pos / original, float)
         if factor <= 0:
             raise ConfigError(f"rope factor must be positive, got {factor}", DAMAGED)
@@ -143,8 +140,8 @@ def eos_ids(f: Fields) -> tuple[int, ...]:
     eos = f.hf.get("eos_token_id")
     if isinstance(eos, list):
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
-            raise ConfigError(f"config.json field 'eos_token_id' must be an int or a list of ints, got {eos!r}"[:200],
-                              DAMAGED)
+            raise ConfigError(f"config.json field 'eos_token_id' must be an int or a list of ints, got "
+                              f"{str(eos)[:60]}", DAMAGED)
         return tuple(eos)
     return () if eos is None else (f.get("eos_token_id", 0),)
 
