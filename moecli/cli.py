@@ -15,7 +15,29 @@ import typer
 
 from moecli.errors import MoecliError, ResourceError
 
-app = typer.Typer(
+class MoeApp(typer.Typer):
+    """A Typer app whose command-line mistakes (unknown flag, bad value, missing argument) are one
+    line too, instead of click's boxed usage panel."""
+
+    def __call__(self, *args, **kwargs):
+        # typer >= 0.24 vendors click; its UsageError is BadParameter's base class either way.
+        usage_error = typer.BadParameter.__mro__[1]
+        try:
+            code = super().__call__(*args, standalone_mode=False, **kwargs)
+        except usage_error as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # bare `moe`: show the help
+                print(err.ctx.get_help() if err.ctx else "", file=sys.stderr)
+                sys.exit(2)
+            where = err.ctx.command_path if err.ctx else "moe"
+            print(f"error: {' '.join(err.format_message().split())} — see `{where} --help`", file=sys.stderr)
+            sys.exit(2)
+        except typer.Abort:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = MoeApp(
     name="moe",
     help="Run Mixture-of-Experts language models from a terminal.",
     no_args_is_help=True,

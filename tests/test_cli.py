@@ -124,3 +124,18 @@ def test_chat_save_to_unwritable_path_keeps_session(chatml, tmp_path):
     assert result.exit_code == 0
     assert "cannot write" in result.stderr and "cannot read" in result.stderr
     assert "generated tokens" in result.stdout  # /stats still ran after the errors
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--prompt", "x", "--temperature", "abc"], "Invalid value for '--temperature'"),
+    (["generate", "--bogus"], "No such option: --bogus"),
+    (["download"], "Missing argument"),
+])
+def test_command_line_mistakes_are_one_line(args, message):
+    """Through the real console entry point (CliRunner bypasses it): click's usage errors too."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "moecli", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error:") and message in result.stderr

@@ -203,6 +203,8 @@ def chat(
     params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
     if max_tokens <= 0:
         raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
+    if context <= 0:
+        raise UsageError(f"--context must be positive, got {context}", "e.g. --context 4096")
     console = Console(highlight=False)
     source = opt.model_source(model)
     with console.status(f"loading {source} ..."):
@@ -234,6 +236,6 @@ def chat(
         except MoecliError as err:
             report(err)  # one line; the conversation goes on
         except Exception as err:  # noqa: BLE001 - a failed reply must not lose the conversation
-            print(f"error: generation failed ({type(err).__name__}: {err}) — the conversation is kept; "
-                  "/save it or try again", file=sys.stderr)
+            print(f"error: generation failed ({type(err).__name__}: {' '.join(str(err).split())}) — the "
+                  "conversation is kept; /save it or try again", file=sys.stderr)
     console.print("[dim]bye[/dim]")
