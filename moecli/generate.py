@@ -115,18 +115,15 @@ class Decoder:
         if len(ids) > room:
             raise UsageError(f"{len(ids)} tokens do not fit the {room} left in the context window",
                              "shorten the prompt, lower --max-tokens, or start a new conversation")
-        logits = None
-        for start in range(0, len(ids), self.max_len):  # one chunk unless the prompt is huge
-            chunk = ids[start:start + self.max_len]
-            size = bucket(len(chunk), self.max_len - self.pos)
-            padded = np.zeros((self.batch, size), np.int32)
-            padded[:, :len(chunk)] = chunk
-            logits, self.cache, self.seen, routing = self._run(
-                "prefill", size, self.model.params, jnp.asarray(padded), jnp.int32(len(chunk)), self.cache,
-                self.seen, self.expert_mask)
-            self.pos += len(chunk)
-            self.ids.extend(chunk)
-            self._record(routing, len(chunk))
+        size = bucket(len(ids), room)
+        padded = np.zeros((self.batch, size), np.int32)
+        padded[:, :len(ids)] = ids
+        logits, self.cache, self.seen, routing = self._run(
+            "prefill", size, self.model.params, jnp.asarray(padded), jnp.int32(len(ids)), self.cache,
+            self.seen, self.expert_mask)
+        self.pos += len(ids)
+        self.ids.extend(ids)
+        self._record(routing, len(ids))
         return logits
 
     def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
