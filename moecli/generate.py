@@ -52,9 +52,9 @@ class Decoder:
         self.capture_routing, self.routing = False, []
 
         def prefill(params, ids, n_real, cache, seen, expert_mask):
-            logits, cache, routing = model.apply(params, ids, cache, expert_mask)
+            logits, cache, routing = model.apply(params, ids, cache, expert_mask, n_real - 1)
             cache = cache._replace(pos=cache.pos - ids.shape[1] + n_real)
-            last = jnp.take(logits, n_real - 1, axis=1)                       # [batch, vocab]
+            last = logits[:, 0]                                                # [batch, vocab]
             mask = jnp.arange(ids.shape[1]) < n_real
             seen = update_seen(seen, jnp.where(mask, ids, -1))  # padding (-1) is ignored
             return last, cache, seen, routing_of(routing)

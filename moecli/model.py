@@ -69,13 +69,16 @@ class Transformer(hk.Module):
     """ids [batch, seq] -> float32 logits [batch, seq, vocab], the new cache, and per-MoE-layer
     routing. Without a cache this is the full causal forward over positions 0..seq-1; with one,
     the tokens sit at positions cache.pos.. and their keys/values are written into the cache.
-    `expert_mask` (bool [n_moe_layers, n_experts], True = switched off) ablates experts."""
+    `expert_mask` (bool [n_moe_layers, n_experts], True = switched off) ablates experts.
+    `logits_at` (an int32 scalar) computes logits for that one position only: a prefill needs just
+    the last prompt token's, and the LM head over every position can cost as much as the layers."""
 
     def __init__(self, config: ModelConfig, mesh=None):
         super().__init__(name="transformer")
         self.c, self.mesh = config, mesh  # mesh: experts spread over devices (moecli.sharding)
 
-    def __call__(self, ids: jax.Array, cache: Cache | None = None, expert_mask: jax.Array | None = None):
+    def __call__(self, ids: jax.Array, cache: Cache | None = None, expert_mask: jax.Array | None = None,
+                 logits_at: jax.Array | None = None):
         c = self.c
         embed = hk.Embed(c.vocab_size, c.d_model, name="embed")
         x = embed(ids)                                                    # [batch, seq, d_model]
@@ -89,6 +92,8 @@ class Transformer(hk.Module):
             new_layers.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
+        if logits_at is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)    # [batch, 1, d_model]
         x = RMSNorm(c.d_model, c.norm_eps, name="final_norm")(x)
         if c.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed.embeddings, preferred_element_type=jnp.float32)
@@ -110,4 +115,5 @@ def stack_routing(routings: list[Routing]) -> Routing | None:
 def transformed(config: ModelConfig, mesh=None) -> hk.Transformed:
     """The pure functions init(rng, ids, cache) and apply(params, ids, cache, expert_mask)."""
     return hk.without_apply_rng(hk.transform(
-        lambda ids, cache=None, expert_mask=None: Transformer(config, mesh)(ids, cache, expert_mask)))
+        lambda ids, cache=None, expert_mask=None, logits_at=None:
+        Transformer(config, mesh)(ids, cache, expert_mask, logits_at)))
