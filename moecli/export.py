@@ -122,5 +122,6 @@ def save_checkpoint(folder: str | Path, params: dict, config: ModelConfig, dtype
     (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2) + "\n", encoding="utf-8")
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
     tmp.replace(folder / "model.safetensors")
     return folder

@@ -18,7 +18,7 @@ The recipe, each part explained where it is implemented:
   steps; at the end in both capacity and dropless mode, next to a unigram baseline.
 * checkpoints (`save_state`): parameters, optimiser state and step in `OUT/train_state/`, so
   `--resume` continues exactly where training stopped; and a Hugging Face-format export
-  (`moecli.export`) in OUT itself, loadable by `moe chat OUT` or transformers.
+  (`moecli.export`) in OUT itself, loadable by `moe chat -m OUT` or transformers.
 
 Everything runs in float32: on CPU, bfloat16 matmuls are slower, and float32 keeps the small
 gradients of the router exact. The export is cast to bfloat16 at the end.
@@ -32,7 +32,6 @@ import pickle
 import time
 from pathlib import Path
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +49,8 @@ SUMMARY_FILE = "summary.json"
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a training run (the `moe train` flags); saved with the checkpoint."""
+    """Every setting of a training run (the `moe train` flags); saved with the checkpoint. The
+    defaults are the recipe of the bundled model, weights/bardmoe."""
 
     data: str | None = None                # None: the bundled Shakespeare archive
     held_out: tuple[str, ...] = ("macbeth", "twelfth_night", "richard_ii", "winters_tale")
@@ -64,7 +64,7 @@ class TrainConfig:
     top_k: int = 2
     d_expert: int = 384
     rope_theta: float = 10000.0
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 2e-3
@@ -102,7 +102,8 @@ class TrainConfig:
                              "pass 0 to turn one off")
         if self.vocab_size < 300:
             raise UsageError(f"vocab-size {self.vocab_size} is too small",
-                             "the tokenizer needs 259 ids for <unk>, <s>, </s> and the 256 bytes; use 300 or more")
+                             "the tokenizer needs 259 ids for <unk>, <s>, </s> and the 256 bytes, plus one per distinct "
+                             "character; use 400 or more")
 
 
 def model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -128,24 +129,26 @@ def init_params(config: ModelConfig, seed: int) -> dict:
       o_proj and the experts' down projection) are scaled by 1/sqrt(2 * n_layers), as in GPT-2,
       so the stream's variance does not grow with depth at initialisation.
     """
-    key = jax.random.PRNGKey(seed)
-    params = transformed(config).init(key, jnp.zeros((1, 8), jnp.int32))
-    params = jax.tree_util.tree_map(lambda x: x, params)  # a mutable copy
     residual = 1.0 / math.sqrt(2 * config.n_layers)
 
     def normal(key, shape, std):  # truncated at 2 std, rescaled so the std is `std`
         return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * (std / 0.87962566)
 
-    for i in range(config.n_layers):
-        key, k1, k2, k3 = jax.random.split(key, 4)
-        layer = f"transformer/layer_{i}"
-        params[f"{layer}/attn/o_proj"]["w"] = params[f"{layer}/attn/o_proj"]["w"] * residual
-        moe = dict(params[f"{layer}/moe"])
-        moe["w_gate"] = normal(k1, moe["w_gate"].shape, config.d_model ** -0.5)
-        moe["w_up"] = normal(k2, moe["w_up"].shape, config.d_model ** -0.5)
-        moe["w_down"] = normal(k3, moe["w_down"].shape, config.d_expert ** -0.5 * residual)
-        params[f"{layer}/moe"] = moe
-    return params
+    @jax.jit  # one compiled program, instead of one per initialiser call
+    def init(key):
+        params = transformed(config).init(key, jnp.zeros((1, 8), jnp.int32))
+        params = {module: dict(group) for module, group in params.items()}  # mutable copies
+        for i in range(config.n_layers):
+            key, k1, k2, k3 = jax.random.split(key, 4)
+            layer = f"transformer/layer_{i}"
+            params[f"{layer}/attn/o_proj"]["w"] = params[f"{layer}/attn/o_proj"]["w"] * residual
+            moe = params[f"{layer}/moe"]
+            moe["w_gate"] = normal(k1, moe["w_gate"].shape, config.d_model ** -0.5)
+            moe["w_up"] = normal(k2, moe["w_up"].shape, config.d_model ** -0.5)
+            moe["w_down"] = normal(k3, moe["w_down"].shape, config.d_expert ** -0.5 * residual)
+        return params
+
+    return init(jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -529,7 +532,7 @@ def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capac
     table.add_column("layer")
     for e in range(config.n_experts):
         table.add_column(f"e{e}", justify="right")
-    table.add_column("dropped @cf", justify="right")
+    table.add_column("drop", justify="right")
     for layer, row in enumerate(dropless["fractions"]):
         table.add_row(str(layer), *(f"{x:.3f}" for x in row), f"{100 * capacity['dropped'][layer]:.1f}%")
     console.print(table)
@@ -552,5 +555,5 @@ def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capac
     (out / STATE_DIR / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     console.print(f"validation loss {dropless['loss']:.4f} dropless, {capacity['loss']:.4f} with capacity factor "
                   f"{config.capacity_factor}; unigram baseline {unigram:.4f} (nats per token)")
-    console.print(f"saved a Hugging Face checkpoint in {out} ({tc.export_dtype}); chat with it: moe chat {out}")
+    console.print(f"saved a Hugging Face checkpoint in {out} ({tc.export_dtype}); chat with it: moe chat -m {out}")
     return summary

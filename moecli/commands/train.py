@@ -1,6 +1,6 @@
 """`moe train`: train a small Mixtral-style MoE from scratch and save it as a Hugging Face checkpoint.
 
-    moe train --out runs/bard                      # the bundled Shakespeare corpus, default shape
+    moe train --out runs/bard                      # the bundled model's recipe (weights/bardmoe)
     moe train --out runs/bard --resume --steps 3000  # continue a run, here to a later step
 
 See `moecli.train` for the recipe and `moecli.data` for the corpus and tokenizer.
@@ -20,7 +20,7 @@ from moecli.data import HELD_OUT
 def train(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: the exported checkpoint, plus train_state/."),
     data: Optional[Path] = typer.Option(None, "--data", help="A .tar.xz of .txt works or a folder of .txt files "
-                                        "[default: the bundled Shakespeare archive]."),
+                                        "(default: the bundled Shakespeare archive)."),
     held_out: str = typer.Option(",".join(HELD_OUT), "--held-out", help="Comma-separated works held out for validation."),
     vocab_size: int = typer.Option(2048, "--vocab-size", help="Tokenizer vocabulary size (sentencepiece BPE)."),
     layers: int = typer.Option(4, "--layers", help="Decoder layers (all MoE)."),
@@ -31,8 +31,8 @@ def train(
     experts: int = typer.Option(8, "--experts", help="Experts per MoE layer."),
     top_k: int = typer.Option(2, "--top-k", help="Experts each token is routed to."),
     d_expert: int = typer.Option(384, "--d-expert", help="Hidden size of each expert's SwiGLU FFN."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimiser steps [default: 1500; with "
-                                        "--resume, the saved run's]."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimiser steps (default: 2000; with "
+                                        "--resume, the saved run's)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per step."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence (the context trained)."),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate."),
@@ -62,7 +62,7 @@ def train(
     tc = TrainConfig(
         data=str(data) if data is not None else None, held_out=names, vocab_size=vocab_size, n_layers=layers,
         d_model=d_model, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, n_experts=experts, top_k=top_k,
-        d_expert=d_expert, steps=steps if steps is not None else 1500, batch_size=batch_size, seq_len=seq_len,
+        d_expert=d_expert, steps=steps if steps is not None else 2000, batch_size=batch_size, seq_len=seq_len,
         lr=lr, min_lr_ratio=min_lr_ratio, warmup=warmup, weight_decay=weight_decay, clip_norm=clip_norm,
         capacity_factor=capacity_factor, aux_loss_coef=aux_loss, z_loss_coef=z_loss, eval_interval=eval_interval,
         eval_batches=eval_batches, checkpoint_interval=checkpoint_interval, seed=seed, export_dtype=export_dtype)
