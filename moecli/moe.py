@@ -130,13 +130,19 @@ def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int):
     return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y.reshape(tokens, top_k, d))
 
 
+def claim_rank(expert: jax.Array, n_experts: int) -> jax.Array:
+    """For assignments [n] in token order, how many earlier assignments chose the same expert:
+    the first-come rank that capacity routing compares with the capacity."""
+    claims = jax.nn.one_hot(expert, n_experts, dtype=jnp.int32)  # [n, e]
+    return jnp.sum((jnp.cumsum(claims, axis=0) - 1) * claims, axis=-1)
+
+
 def experts_capacity(x, w_gate, w_up, w_down, routing: Routing, capacity: int, n_experts: int):
     """Capacity routing: scatter assignments into [n_experts, capacity] slots, first-come by token
     order; an assignment over capacity is dropped (passes through as the residual)."""
     tokens, top_k = routing.experts.shape
     expert = routing.experts.reshape(-1)                         # [t*k], token-major order
-    claims = jax.nn.one_hot(expert, n_experts, dtype=jnp.int32)  # [t*k, e]
-    slot = jnp.sum((jnp.cumsum(claims, axis=0) - 1) * claims, axis=-1)  # rank within its expert
+    slot = claim_rank(expert, n_experts)                         # rank within its expert
     slot = jnp.where(slot < capacity, slot, capacity)            # `capacity` = out of range: dropped
     token = jnp.repeat(jnp.arange(tokens), top_k)
     buffer = jnp.zeros((n_experts, capacity, x.shape[-1]), x.dtype)

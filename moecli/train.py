@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 import time
 from pathlib import Path
 
@@ -39,12 +38,12 @@ import optax
 
 from moecli.config import ModelConfig, RopeConfig
 from moecli.errors import UsageError
+from moecli.evaluation import LOG_FILE, eval_windows, evaluate, final_report, make_eval_step
+from moecli.losses import (cross_entropy, dropped_fraction, expert_fractions,  # noqa: F401 (re-exported)
+                           load_balancing_loss, router_z_loss)
 from moecli.model import transformed
+from moecli.train_state import STATE_DIR, STATE_FILE, load_state, restore, save_state, train_config_from
 
-STATE_DIR = "train_state"
-STATE_FILE = "state.pkl"
-LOG_FILE = "log.jsonl"
-SUMMARY_FILE = "summary.json"
 
 
 @dataclasses.dataclass
@@ -151,63 +150,6 @@ def init_params(config: ModelConfig, seed: int) -> dict:
     return init(jax.random.PRNGKey(seed))
 
 
-# ----------------------------------------------------------------------------- losses
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-position next-token loss -log p(target), in nats: [batch, seq]."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-
-
-def expert_fractions(experts: jax.Array, n_experts: int) -> jax.Array:
-    """f_e: the fraction of routing assignments that went to each expert, per layer.
-
-    experts: int [layers, ..., top_k] -> float32 [layers, n_experts], rows summing to 1."""
-    one_hot = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32)          # [layers, ..., k, E]
-    return one_hot.reshape(experts.shape[0], -1, n_experts).mean(axis=1)
-
-
-def load_balancing_loss(router_logits: jax.Array, experts: jax.Array) -> jax.Array:
-    """Switch Transformer's auxiliary loss (Fedus et al. 2021), averaged over the MoE layers.
-
-    For each layer: aux = n_experts * sum_e f_e * P_e, where f_e is the fraction of the batch's
-    routing assignments that chose expert e (the top-k picks, counted k per token and divided by
-    k) and P_e the router's mean probability for e. Perfectly even routing, f_e = P_e =
-    1/n_experts, gives exactly 1.0; routing that piles onto a few experts gives more (up to
-    n_experts when every token picks one expert with certainty). f_e comes from a top-k and has no
-    gradient; the gradient flows through P_e and pushes probability away from the experts that
-    get more than their share. It is multiplied by a small coefficient (0.01) so it balances the
-    load without overriding the language-modelling loss.
-
-    router_logits: [layers, batch, seq, n_experts]; experts: [layers, batch, seq, top_k].
-    """
-    n_experts = router_logits.shape[-1]
-    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
-    mean_prob = probs.reshape(probs.shape[0], -1, n_experts).mean(axis=1)          # P: [layers, E]
-    fraction = jax.lax.stop_gradient(expert_fractions(experts, n_experts))         # f: [layers, E]
-    return jnp.mean(n_experts * jnp.sum(fraction * mean_prob, axis=-1))
-
-
-def router_z_loss(router_logits: jax.Array) -> jax.Array:
-    """ST-MoE's router z-loss (Zoph et al. 2022): the mean of logsumexp(router logits)^2.
-
-    It keeps the router's logits small. Large logits make the softmax saturate (one expert gets
-    probability ~1, its gradient vanishes) and, in low precision, round badly; penalising their
-    log-partition function keeps routing soft and training stable, at almost no cost in quality.
-    """
-    z = jax.nn.logsumexp(router_logits.astype(jnp.float32), axis=-1)
-    return jnp.mean(z ** 2)
-
-
-def dropped_fraction(experts: jax.Array, capacity: int, n_experts: int) -> jax.Array:
-    """Per layer, the fraction of routing assignments dropped by capacity routing: those past the
-    first `capacity` claims on their expert, in token order (as `moecli.moe.experts_capacity`)."""
-    flat = experts.reshape(experts.shape[0], -1)                                   # [layers, t*k]
-    claims = jax.nn.one_hot(flat, n_experts, dtype=jnp.int32)
-    rank = jnp.sum((jnp.cumsum(claims, axis=1) - 1) * claims, axis=-1)
-    return jnp.mean((rank >= capacity).astype(jnp.float32), axis=-1)
-
-
 # ----------------------------------------------------------------------------- optimiser
 
 def learning_rate(tc: TrainConfig) -> optax.Schedule:
@@ -268,101 +210,12 @@ def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.Gradi
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(config: ModelConfig, batch_tokens: int):
-    """Jitted (params, batch) -> (summed loss, expert counts [layers, E], dropped [layers])."""
-    apply = transformed(config).apply
-    capacity = config.capacity(batch_tokens) if config.capacity_factor > 0 else None
-
-    def step(params, batch):
-        logits, _, routing = apply(params, batch[:, :-1])
-        loss = jnp.sum(cross_entropy(logits, batch[:, 1:]))
-        counts = jnp.sum(jax.nn.one_hot(routing.experts, config.n_experts, dtype=jnp.float32), axis=(1, 2, 3))
-        dropped = (dropped_fraction(routing.experts, capacity, config.n_experts) if capacity is not None
-                   else jnp.zeros(routing.experts.shape[0]))
-        return loss, counts, dropped
-
-    return jax.jit(step)
-
-
 def sample_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> np.ndarray:
     """`batch_size` random windows of seq_len + 1 tokens. The generator is seeded by (seed, step),
     so a resumed run sees exactly the batches the uninterrupted run would have."""
     rng = np.random.default_rng((seed, step))
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
     return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
-
-
-def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None) -> np.ndarray:
-    """Non-overlapping windows of the validation stream, [n_batches, batch_size, seq_len + 1],
-    spread evenly over it when there are more than max_batches * batch_size."""
-    n_windows = (len(tokens) - 1) // seq_len
-    n_batches = n_windows // batch_size
-    if n_batches == 0:
-        raise UsageError(f"the validation text has {len(tokens)} tokens, fewer than one batch "
-                         f"({batch_size} x {seq_len + 1})", "hold out more text, or lower --batch-size/--seq-len")
-    if max_batches is not None:
-        n_batches = min(n_batches, max_batches)
-    picks = np.linspace(0, n_windows - 1, n_batches * batch_size).round().astype(int)
-    windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in picks])
-    return windows.reshape(n_batches, batch_size, seq_len + 1).astype(np.int32)
-
-
-def evaluate(eval_step, params, windows: np.ndarray) -> dict:
-    """Mean validation loss per token, per-layer expert fractions and drop rates."""
-    total, counts, dropped = 0.0, 0.0, 0.0
-    for batch in windows:
-        loss, c, d = eval_step(params, jnp.asarray(batch))
-        total, counts, dropped = total + float(loss), counts + np.asarray(c), dropped + np.asarray(d)
-    n_tokens = windows.shape[0] * windows.shape[1] * (windows.shape[2] - 1)
-    return {"loss": total / n_tokens, "fractions": counts / counts.sum(axis=-1, keepdims=True),
-            "dropped": dropped / len(windows)}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_state(folder: Path, step: int, params, opt_state, tc: TrainConfig, extra: dict) -> Path:
-    """Write params, optimiser state (its leaves, in order), step and settings to
-    folder/train_state/state.pkl, atomically (a crash mid-write leaves the old file)."""
-    state_dir = folder / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "params": jax.tree_util.tree_map(np.asarray, params),
-        "opt_state": [np.asarray(x) for x in jax.tree_util.tree_leaves(opt_state)],
-        "train_config": dataclasses.asdict(tc),
-        **extra,
-    }
-    tmp = state_dir / (STATE_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(state_dir / STATE_FILE)
-    return state_dir / STATE_FILE
-
-
-def load_state(folder: Path) -> dict:
-    path = folder / STATE_DIR / STATE_FILE
-    if not path.is_file():
-        raise UsageError(f"no training state in {folder} to resume", "run without --resume to start training")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise UsageError(f"cannot read {path} ({err})", "the checkpoint is damaged; start a new run") from None
-
-
-def restore(state: dict, optimizer: optax.GradientTransformation):
-    """(params, opt_state) as device arrays, the optimiser state rebuilt on a fresh template."""
-    params = jax.tree_util.tree_map(jnp.asarray, state["params"])
-    treedef = jax.tree_util.tree_structure(optimizer.init(params))
-    opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state["opt_state"]])
-    return params, opt_state
-
-
-def train_config_from(saved: dict) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in saved.items() if k in fields}
-    saved["held_out"] = tuple(saved.get("held_out", ()))
-    return TrainConfig(**saved)
 
 
 # ----------------------------------------------------------------------------- data
@@ -506,54 +359,4 @@ def run(tc: TrainConfig, out: str | Path, resume: bool = False, console=None) ->
     checkpoint(final_step)
     summary = final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capacity, eval_dropless,
                            elapsed, tokens_seen, final_step, console)
-    return summary
-
-
-def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capacity, eval_dropless,
-                 elapsed, tokens_seen, step, console, max_batches: int = 48) -> dict:
-    """Validation in both routing modes on up to max_batches batches of held-out text, the
-    unigram baseline on the same tokens, the expert-utilisation table, and summary.json."""
-    from rich.table import Table
-
-    from moecli import data
-
-    windows = eval_windows(valid_tokens, tc.batch_size, tc.seq_len, max_batches)
-    capacity = evaluate(eval_capacity, params, windows)
-    dropless = evaluate(eval_dropless, params, windows)
-    unigram = data.unigram_loss(train_tokens, windows[..., 1:].reshape(-1), config.vocab_size)
-    recent_train = []
-    log_path = out / STATE_DIR / LOG_FILE
-    if log_path.is_file():
-        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        recent_train = [r["ce"] for r in lines if "ce" in r][-5:]   # the last 50 steps (logged every 10)
-
-    table = Table(title=f"expert utilisation: fraction of routed tokens per expert (dropless, validation; "
-                        f"even = {1 / config.n_experts:.3f})")
-    table.add_column("layer")
-    for e in range(config.n_experts):
-        table.add_column(f"e{e}", justify="right")
-    table.add_column("drop", justify="right")
-    for layer, row in enumerate(dropless["fractions"]):
-        table.add_row(str(layer), *(f"{x:.3f}" for x in row), f"{100 * capacity['dropped'][layer]:.1f}%")
-    console.print(table)
-    total, active = config.parameter_counts()
-    summary = {
-        "step": step,
-        "tokens_seen": tokens_seen,
-        "train_seconds": round(elapsed, 1),
-        "train_loss": float(np.mean(recent_train)) if recent_train else None,
-        "val_loss_capacity": capacity["loss"],
-        "val_loss_dropless": dropless["loss"],
-        "unigram_loss": unigram,
-        "val_tokens": int(windows[..., 1:].size),
-        "capacity_factor": config.capacity_factor,
-        "dropped_fraction": [float(x) for x in capacity["dropped"]],
-        "expert_fractions": [[float(x) for x in row] for row in dropless["fractions"]],
-        "parameters": total,
-        "active_parameters": active,
-    }
-    (out / STATE_DIR / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"validation loss {dropless['loss']:.4f} dropless, {capacity['loss']:.4f} with capacity factor "
-                  f"{config.capacity_factor}; unigram baseline {unigram:.4f} (nats per token)")
-    console.print(f"saved a Hugging Face checkpoint in {out} ({tc.export_dtype}); chat with it: moe chat -m {out}")
     return summary

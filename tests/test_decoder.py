@@ -13,7 +13,6 @@ from moecli import load_model
 from moecli.api import generate, load
 from moecli.generate import Decoder, bucket
 from moecli.sampling import SamplingParams
-from moecli.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from hf_models import build, hf_greedy, hf_logits, save
