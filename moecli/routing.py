@@ -110,3 +110,34 @@ def load_table(routing: list, config: ModelConfig, max_columns: int = 64) -> Tab
     if shown < config.n_experts:
         table.caption = f"first {shown} of {config.n_experts} experts shown"
     return table
+
+
+def device_table(routing: list, config: ModelConfig, n_devices: int, itemsize: int,
+                 device_names: list[str] | None = None) -> Table:
+    """With experts sharded over devices: per device, the experts it holds, its parameter bytes and
+    how many of the tokens' assignments it served (summed over the MoE layers)."""
+    from moecli.progress import human_bytes
+    from moecli.sharding import placement
+
+    per_device = config.n_experts // n_devices
+    served = np.zeros(n_devices, int)
+    for experts, _ in routing:
+        np.add.at(served, (np.asarray(experts) // per_device).reshape(-1), 1)
+    table = Table(title=f"experts over {n_devices} devices: assignments served in {len(routing)} tokens", box=None)
+    for column in ("device", "experts", "bytes", "assignments", "share"):
+        table.add_column(column, justify="left" if column in ("device", "experts") else "right")
+    total = max(served.sum(), 1)
+    for d, p in enumerate(placement(config, n_devices, itemsize, device_names)):
+        table.add_row(p.device, f"{p.experts[0]}..{p.experts[1]}", human_bytes(p.total_bytes), str(served[d]),
+                      f"{100 * served[d] / total:.0f}%")
+    return table
+
+
+def routing_views(routing: list, config: ModelConfig, mesh=None, itemsize: int = 4) -> list:
+    """The load heat map, plus the per-device table when the experts are sharded."""
+    views = [load_table(routing, config)]
+    if mesh is not None:
+        devices = list(mesh.devices.flat)
+        views.append(device_table(routing, config, len(devices), itemsize,
+                                  [f"{d.platform}:{d.id}" for d in devices]))
+    return views

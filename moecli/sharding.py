@@ -111,7 +111,7 @@ def shard_experts(fn, mesh: Mesh):
         local_ids = experts - jax.lax.axis_index(AXIS) * n_local
         here = (local_ids >= 0) & (local_ids < n_local)
         routing = Routing(jax.numpy.where(here, local_ids, n_local), jax.numpy.where(here, weights, 0.0), None)
-        return jax.lax.psum(fn(x, w_gate, w_up, w_down, routing, n_local), AXIS)
+        return jax.lax.psum(fn(x, w_gate, w_up, w_down, routing, n_local, elsewhere=True), AXIS)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
                          out_specs=P(), check_vma=False)

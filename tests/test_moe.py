@@ -118,6 +118,6 @@ def test_fast_dropless_paths_equal_dense_reference(tokens):
                               weights=jnp.where(flat.experts < n_local, flat.weights, 0.0))
     want_local = experts_dense(x, w_gate, w_up, w_down, elsewhere._replace(
         experts=jnp.minimum(elsewhere.experts, n_experts - 1)), n_experts)
-    for got in (experts_scanned(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local),
-                experts_blocked(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local)):
+    for got in (experts_scanned(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local, True),
+                experts_blocked(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local, True)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want_local), rtol=1e-4, atol=1e-3)

@@ -96,3 +96,22 @@ def test_chat_experts_mask_and_unmask(plain):
     assert result.stdout.count("max/mean") == 2 and "switched off: 1:0" in result.stdout
     assert "all experts back on" in result.stdout
     assert "layer 5 has no experts" in result.stderr and "bad /experts argument" in result.stderr
+
+
+def test_show_routing_with_sharded_experts_shows_devices(plain):
+    """With --devices 4 (8 CPU devices forced): the per-device table of experts, bytes and load."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-m", "moecli", "generate", "--model", str(plain), "--prompt", "the water",
+                             "--max-tokens", "6", "--devices", "4", "--show-routing"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "experts over 4 devices" in result.stderr
+    for d, experts in enumerate(("0..0", "1..1", "2..2", "3..3")):
+        assert f"cpu:{d}" in result.stderr and experts in result.stderr
+    shares = [int(line.split()[-1].rstrip("%")) for line in result.stderr.splitlines()
+              if line.strip().startswith("cpu:")]
+    assert len(shares) == 4 and 98 <= sum(shares) <= 102

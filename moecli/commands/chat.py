@@ -124,7 +124,7 @@ def stats_table(chat) -> Table:
 def show_experts(console: Console, chat, arg: str) -> None:
     from moecli.commands.generate import token_pieces
     from moecli.errors import UsageError
-    from moecli.routing import load_table, moe_layer_numbers, token_view
+    from moecli.routing import moe_layer_numbers, routing_views, token_view
 
     config = chat.model.config
     layers = moe_layer_numbers(config)
@@ -136,7 +136,8 @@ def show_experts(console: Console, chat, arg: str) -> None:
         raise UsageError(f"bad /experts argument {arg!r}", "use /experts or /experts layer N")
     layer = int(words[1]) if words else layers[-1]
     console.print(token_view(token_pieces(chat.tokenizer, ids), routing, config, layer))
-    console.print(load_table(routing, config))
+    for view in routing_views(routing, config, chat.model.mesh, chat.model.dtype.itemsize):
+        console.print(view)
     if chat.disabled:
         off = ", ".join(f"{layers[j]}:{e}" for j, es in sorted(chat.disabled.items()) for e in sorted(es))
         console.print(f"[dim]switched off: {off}[/dim]")

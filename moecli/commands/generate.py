@@ -84,7 +84,7 @@ def report_routing(decoder, tokenizer, n_prompt: int, routing_json, show: bool, 
 
     from rich.console import Console
 
-    from moecli.routing import load_table, moe_layer_numbers, routing_records, token_view
+    from moecli.routing import moe_layer_numbers, routing_records, routing_views, token_view
 
     config = decoder.model.config
     if not any(config.moe_layers):
@@ -98,7 +98,8 @@ def report_routing(decoder, tokenizer, n_prompt: int, routing_json, show: bool, 
         console = Console(stderr=True)
         layer = moe_layer_numbers(config)[-1] if layer is None else layer
         console.print(token_view(pieces[n_prompt:], decoder.routing[n_prompt:], config, layer))
-        console.print(load_table(decoder.routing, config))
+        for view in routing_views(decoder.routing, config, decoder.model.mesh, decoder.model.dtype.itemsize):
+            console.print(view)
 
 
 def print_stats(stats) -> None:
