@@ -299,8 +299,6 @@ def test_folders_and_paths_that_are_not_checkpoints(tmp_path, plain):
 ])
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_bad_flags_exit_2_with_one_line(plain, command, flag, value, message):
-    if command == "chat" and flag == "--context":
-        pytest.skip("moe chat sizes its context from --context without the text API's check")
     args = [command, "--model", plain, flag, value] + (["--prompt", "hi"] if command == "generate" else [])
     one_line_error(moe(*args, input="hello\n"), message, code=2)
 
@@ -660,8 +658,6 @@ def test_an_exception_inside_generation_keeps_the_conversation(plain, tmp_path, 
     assert messages[3].get("error") is True and "error" not in messages[5]  # the third turn ran normally
 
 
-@pytest.mark.xfail(reason="moecli/commands/chat.py prints the failed reply's exception text as it is, newlines "
-                          "included, instead of through cli.report", strict=False)
 def test_a_multi_line_exception_inside_generation_is_one_line(plain, monkeypatch):
     failing_replies(monkeypatch, "XLA failed:\n  at frame 1\n  at frame 2", on_call=1)
     result = chat(plain, "hello\n")

@@ -205,7 +205,7 @@ def chat(
     if max_tokens <= 0:
         raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
     if context <= 0:
-        raise UsageError(f"--context must be positive, got {context}", "e.g. --context 4096")
+        raise UsageError(f"the context window must be positive, got --context {context}", "e.g. --context 4096")
     console = Console(highlight=False)
     source = opt.model_source(model)
     with console.status(f"loading {source} ..."):
