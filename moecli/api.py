@@ -75,9 +75,10 @@ def load(path_or_repo: str | Path, dtype: str = "auto", revision: str | None = N
     return load_model(folder, dtype=dtype, devices=devices), tokenizer
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_template: bool = True) -> list[int]:
-    """Token ids for raw text, for chat messages rendered with the checkpoint's template, or
-    token ids given as they are."""
+def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_template: bool = True,
+               template_vars: dict | None = None) -> list[int]:
+    """Token ids for raw text, for chat messages rendered with the checkpoint's template (with
+    extra template variables, e.g. the bundled model's `user_speaker`), or token ids as they are."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         if not prompt:
             raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
@@ -86,9 +87,9 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_
         if not prompt.strip():
             raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
         if chat_template and tokenizer.chat_template:
-            return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+            return encode_chat(tokenizer, [{"role": "user", "content": prompt}], **(template_vars or {}))
         return tokenizer.encode(prompt)
-    return encode_chat(tokenizer, prompt)
+    return encode_chat(tokenizer, prompt, **(template_vars or {}))
 
 
 class StopStrings:

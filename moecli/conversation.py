@@ -38,10 +38,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class ChatSession:
     def __init__(self, model: Model, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int = 256,
                  context: int = 4096, system: str | None = None, stop: tuple[str, ...] = (),
-                 model_id: str = "", revision: str | None = None, notify: Callable[[str], None] = print):
+                 model_id: str = "", revision: str | None = None, notify: Callable[[str], None] = print,
+                 template_vars: dict | None = None):
         self.model, self.tokenizer, self.notify = model, tokenizer, notify
         self.params, self.max_tokens = params, max_tokens
         self.model_id, self.revision = model_id, revision
+        self.template_vars = template_vars or {}  # extra chat-template variables
         self.system = system
         self.messages: list[dict] = []
         _, fallback = chat_template_for(tokenizer)
@@ -61,7 +63,8 @@ class ChatSession:
         """The conversation's tokens; drops the oldest turns (with a notice) until a reply fits."""
         limit = self.decoder.max_len
         while True:
-            ids = encode_chat(self.tokenizer, self.full_messages(), add_generation_prompt=True)
+            ids = encode_chat(self.tokenizer, self.full_messages(), add_generation_prompt=True,
+                              **self.template_vars)
             if len(ids) + min(self.max_tokens, 32) <= limit:
                 break
             if len(self.messages) <= 1:

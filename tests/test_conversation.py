@@ -103,3 +103,16 @@ def test_save_and_load_roundtrip(parts, tmp_path):
     with pytest.raises(UsageError, match="no valid messages"):
         other.load(tmp_path / "bad2.json")
     assert other.messages == chat.messages  # a failed load changes nothing
+
+
+def test_template_variables_reach_the_chat_template():
+    """The bundled model's template names the speakers from template variables."""
+    from moecli.bundled import bundled_model
+
+    folder = bundled_model()
+    model, tok = load_model(folder, dtype="float32"), Tokenizer.from_dir(folder)
+    chat = ChatSession(model, tok, GREEDY, max_tokens=4, notify=lambda _: None,
+                       template_vars={"user_speaker": "HAMLET", "assistant_speaker": "OPHELIA"})
+    "".join(chat.reply("To be, or not to be?"))
+    text = tok.decode(chat.decoder.ids, skip_special_tokens=False)
+    assert "HAMLET.\nTo be, or not to be?" in text and "OPHELIA.\n" in text and "ROMEO" not in text

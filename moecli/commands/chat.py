@@ -195,6 +195,7 @@ def chat(
     top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
     seed: int = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
     dtype: str = opt.Dtype, context: int = opt.Context, devices: Optional[int] = opt.Devices,
+    template_var: Optional[List[str]] = opt.TemplateVar,
 ) -> None:
     """Chat with a model in an interactive REPL (/help lists the commands)."""
     from moecli.api import load
@@ -202,6 +203,7 @@ def chat(
     from moecli.errors import UsageError
 
     params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    variables = opt.template_vars(template_var)
     if max_tokens <= 0:
         raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
     if context <= 0:
@@ -211,7 +213,7 @@ def chat(
     with console.status(f"loading {source} ..."):
         m, tokenizer = load(source, dtype=dtype, revision=revision, devices=devices)
     session = ChatSession(m, tokenizer, params, max_tokens=max_tokens, context=context, system=system,
-                          stop=tuple(stop or ()), model_id=source, revision=revision,
+                          stop=tuple(stop or ()), model_id=source, revision=revision, template_vars=variables,
                           notify=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
     console.print(f"[bold]moe chat[/bold] · {source} · context {session.decoder.max_len} tokens · "
                   "/help for commands, Ctrl-D to leave")

@@ -31,6 +31,7 @@ def generate(
     routing_layer: Optional[int] = typer.Option(None, "--routing-layer", help="Layer for --show-routing's colours "
                                                                               "[default: the last MoE layer]."),
     mask: Optional[List[str]] = typer.Option(None, "--mask", help="Switch expert off, as LAYER:EXPERT; repeatable."),
+    template_var: Optional[List[str]] = opt.TemplateVar,
     devices: Optional[int] = opt.Devices, coordinator: Optional[str] = opt.Coordinator,
     num_processes: Optional[int] = opt.NumProcesses, process_id: Optional[int] = opt.ProcessId,
 ) -> None:
@@ -53,7 +54,7 @@ def generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system and not use_template:
         print("note: --system is ignored without a chat template", file=sys.stderr)
-    ids = prompt_ids(tokenizer, messages if use_template else prompt, use_template)
+    ids = prompt_ids(tokenizer, messages if use_template else prompt, use_template, opt.template_vars(template_var))
     decoder = decoder_for(m, len(ids), max_tokens, context)
     decoder.set_expert_mask(parse_mask(mask or [], m.config))
     decoder.capture_routing = bool(routing_json or show_routing)

@@ -24,6 +24,8 @@ Coordinator = typer.Option(None, "--coordinator", help="Multi-host: the coordina
                                                        "on every host) [env: MOECLI_COORDINATOR].")
 NumProcesses = typer.Option(None, "--num-processes", help="Multi-host: how many processes [env: MOECLI_NUM_PROCESSES].")
 ProcessId = typer.Option(None, "--process-id", help="Multi-host: this process's id, 0..N-1 [env: MOECLI_PROCESS_ID].")
+TemplateVar = typer.Option(None, "--template-var", help="KEY=VALUE passed to the chat template (repeatable), "
+                                                         "e.g. user_speaker=HAMLET for the bundled model.")
 Context = typer.Option(4096, "--context", help="Context window in tokens (capped at the model's).")
 
 
@@ -39,3 +41,16 @@ def model_source(model: Optional[str]) -> str:
     from moecli.bundled import bundled_model
 
     return model if model else str(bundled_model())
+
+
+def template_vars(pairs: list[str] | None) -> dict[str, str]:
+    """["user_speaker=HAMLET"] -> {"user_speaker": "HAMLET"}."""
+    from moecli.errors import UsageError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"bad --template-var {pair!r}", "write KEY=VALUE, e.g. user_speaker=HAMLET")
+        out[key.strip()] = value
+    return out
