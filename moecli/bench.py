@@ -54,6 +54,7 @@ def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_by
     import ml_dtypes
     from safetensors.numpy import save_file
 
+    from moecli.export import export_names
     from moecli.families import checkpoint_tensors, config_from_hf
 
     hf = {**COMMON, **SHAPES[shape], "torch_dtype": dtype, "dtype": dtype}
@@ -62,9 +63,8 @@ def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_by
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
-    table = checkpoint_tensors(config_from_hf(hf))
-    from moecli.export import export_names
     config = config_from_hf(hf)
+    table = checkpoint_tensors(config)
     names = list(export_names(config))  # one name per tensor, as a Hub checkpoint writes them
     rng = np.random.default_rng(0)
     weight_map, shard, size, index = {}, {}, 0, 0
@@ -79,10 +79,11 @@ def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_by
 
     for name in names:
         spec = table[name]
-        scale = 1.0 if name.endswith("norm.weight") or "layernorm" in name else spec.shape[-1] ** -0.5
-        tensor = (rng.standard_normal(spec.shape, dtype=np.float32) * scale).astype(np_dtype)
         if name.endswith("norm.weight") or "layernorm" in name:
             tensor = np.ones(spec.shape, np_dtype)
+        else:
+            scale = spec.shape[-1] ** -0.5
+            tensor = (rng.standard_normal(spec.shape, dtype=np.float32) * scale).astype(np_dtype)
         shard[name] = tensor
         size += tensor.nbytes
         if size >= shard_bytes:
