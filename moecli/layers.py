@@ -18,6 +18,36 @@ import numpy as np
 from moecli.config import ModelConfig, RopeConfig
 
 
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's). Decoding on CPU with
+    bfloat16 weights goes through the hand-written kernel in `moecli.cpu_kernels`: XLA:CPU would
+    first convert the whole matrix to float32 in memory (~20x slower than reading it)."""
+    from moecli import cpu_kernels
+
+    out_dtype = out_dtype or x.dtype
+    if w.dtype == jnp.bfloat16 and cpu_kernels.use_for(math.prod(x.shape[:-1])):
+        return cpu_kernels.matvec(x, w).astype(out_dtype)
+    return jnp.matmul(x, w, preferred_element_type=out_dtype)
+
+
+class Linear(hk.Module):
+    """y = x @ w (+ b) through `matmul`, with hk.Linear's parameters ("w" [in, out], "b" [out])
+    and initialiser, so checkpoints map onto it the same way."""
+
+    def __init__(self, output_size: int, with_bias: bool = True, name: str | None = None):
+        super().__init__(name=name)
+        self.output_size, self.with_bias = output_size, with_bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d_in = x.shape[-1]
+        w = hk.get_parameter("w", [d_in, self.output_size], x.dtype,
+                             init=hk.initializers.TruncatedNormal(1.0 / np.sqrt(d_in)))
+        y = matmul(x, w)
+        if self.with_bias:
+            y = y + hk.get_parameter("b", [self.output_size], x.dtype, init=jnp.zeros)
+        return y
+
+
 class RMSNorm(hk.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * scale, without LayerNorm's mean
     subtraction and bias. Computed in float32, returned in the input's dtype."""
@@ -125,9 +155,9 @@ class Attention(hk.Module):
         c = self.c
         batch, seq, _ = x.shape
         group = c.n_heads // c.n_kv_heads
-        q = hk.Linear(c.n_heads * c.head_dim, with_bias=c.qkv_bias, name="q_proj")(x)
-        k = hk.Linear(c.n_kv_heads * c.head_dim, with_bias=c.qkv_bias, name="k_proj")(x)
-        v = hk.Linear(c.n_kv_heads * c.head_dim, with_bias=c.qkv_bias, name="v_proj")(x)
+        q = Linear(c.n_heads * c.head_dim, with_bias=c.qkv_bias, name="q_proj")(x)
+        k = Linear(c.n_kv_heads * c.head_dim, with_bias=c.qkv_bias, name="k_proj")(x)
+        v = Linear(c.n_kv_heads * c.head_dim, with_bias=c.qkv_bias, name="v_proj")(x)
         if c.qk_norm == "full":
             q = RMSNorm(q.shape[-1], c.norm_eps, name="q_norm")(q)
             k = RMSNorm(k.shape[-1], c.norm_eps, name="k_norm")(k)
@@ -158,7 +188,8 @@ class Attention(hk.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)          # [b, kv, group, t, s]
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, c.n_heads * c.head_dim)
-        return hk.Linear(c.d_model, with_bias=c.o_bias, name="o_proj")(out), cache
+        out = out.astype(x.dtype)  # a float32 cache (on CPU) must not turn the residual stream float32
+        return Linear(c.d_model, with_bias=c.o_bias, name="o_proj")(out), cache
 
 
 class MLP(hk.Module):
@@ -170,6 +201,6 @@ class MLP(hk.Module):
         self.d_model, self.d_hidden = d_model, d_hidden
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = hk.Linear(self.d_hidden, with_bias=False, name="gate_proj")(x)
-        up = hk.Linear(self.d_hidden, with_bias=False, name="up_proj")(x)
-        return hk.Linear(self.d_model, with_bias=False, name="down_proj")(jax.nn.silu(gate) * up)
+        gate = Linear(self.d_hidden, with_bias=False, name="gate_proj")(x)
+        up = Linear(self.d_hidden, with_bias=False, name="up_proj")(x)
+        return Linear(self.d_model, with_bias=False, name="down_proj")(jax.nn.silu(gate) * up)

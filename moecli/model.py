@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moecli.config import ModelConfig
-from moecli.layers import MLP, Attention, LayerCache, RMSNorm
+from moecli.layers import MLP, Attention, LayerCache, RMSNorm, matmul
 from moecli.moe import MoEBlock, Routing
 
 
@@ -100,7 +100,7 @@ class Transformer(hk.Module):
         else:
             head = hk.get_parameter("lm_head", [c.d_model, c.vocab_size], x.dtype,
                                     init=hk.initializers.TruncatedNormal(c.d_model ** -0.5))
-            logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+            logits = matmul(x, head, jnp.float32)
         new_cache = None if cache is None else Cache(tuple(new_layers), start + ids.shape[1])
         return logits, new_cache, stack_routing(routings)
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moecli.config import ModelConfig
-from moecli.layers import MLP
+from moecli.layers import MLP, Linear
 
 
 class Routing(NamedTuple):
@@ -98,6 +98,24 @@ def experts_scanned(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, e
         return add(out, i), None
 
     return jax.lax.scan(one_assignment, jnp.zeros_like(x), jnp.arange(tokens * top_k))[0]
+
+
+def experts_cpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
+    """Dropless decoding on CPU: `experts_scanned`'s computation as one hand-written kernel
+    (`moecli.cpu_kernels`) that reads each chosen expert once, in place, on every core, with
+    bfloat16 widened in registers: ~3x `experts_scanned` in float32 and ~30x in bfloat16 on a
+    2-core CPU. Ids outside [0, n_experts) ("elsewhere") are skipped."""
+    from moecli import cpu_kernels
+
+    return cpu_kernels.experts(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+
+
+def decode_experts(tokens: int):
+    """The dropless kernel for `tokens` tokens: the hand-written CPU kernel when decoding on CPU
+    (and it could be built), else `experts_scanned`."""
+    from moecli import cpu_kernels
+
+    return experts_cpu_kernel if cpu_kernels.use_for(tokens) else experts_scanned
 
 
 def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
@@ -178,7 +196,8 @@ class MoEBlock(hk.Module):
         if c.capacity_factor > 0:
             y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts)
         else:  # few assignments (decoding): a scan over them; many (prefill): block-sparse
-            experts = experts_scanned if batch * seq * c.top_k < c.n_experts else experts_blocked
+            few = batch * seq * c.top_k < c.n_experts
+            experts = decode_experts(batch * seq) if few else experts_blocked
             if self.mesh is None:
                 y = experts(xs, w_gate, w_up, w_down, flat, c.n_experts)
             else:
@@ -188,6 +207,6 @@ class MoEBlock(hk.Module):
 
         if c.d_shared_expert:
             shared = MLP(d, c.d_shared_expert, name="shared_expert")(x)
-            gate = hk.Linear(1, with_bias=False, name="shared_expert_gate")(x)
+            gate = Linear(1, with_bias=False, name="shared_expert_gate")(x)
             y = y + jax.nn.sigmoid(gate.astype(jnp.float32)).astype(x.dtype) * shared
         return y, routing

@@ -113,4 +113,10 @@ def print_stats(stats) -> None:
         f"time to first token: {stats.ttft_s:.3f} s (compile {stats.compile_s:.3f} s)",
         f"peak memory: host {host:.0f} MB" + (f", device {device:.0f} MB" if device is not None else ""),
     ]
+    import jax
+
+    if jax.default_backend() == "cpu":
+        from moecli import cpu_kernels
+
+        lines.append(cpu_kernels.status())
     print("\n".join(lines), file=sys.stderr)
