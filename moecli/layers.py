@@ -124,8 +124,11 @@ class LayerCache(NamedTuple):
     Python int, so every decode step has the same shapes and compiles once.
     """
 
-    k: jax.Array  # [batch, max_len, kv_heads, head_dim]
-    v: jax.Array  # [batch, max_len, kv_heads, head_dim]
+    # Laid out so both attention products are plain [rows, inner] x [inner, cols] matrix products
+    # per head, read in place: scores = q @ k ([head_dim, max_len]), out = probs @ v. With keys as
+    # [max_len, head_dim] rows, XLA:CPU transposed the whole key cache on every decode step.
+    k: jax.Array  # [batch, kv_heads, head_dim, max_len]
+    v: jax.Array  # [batch, kv_heads, max_len, head_dim]
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
@@ -135,6 +138,17 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
     return visible
+
+
+def attention_product(a: jax.Array, b: jax.Array, seq: int) -> jax.Array:
+    """a [batch, kv, group, t, inner] @ b [batch, kv, inner, cols] per head, in float32: q @ keys
+    (inner = head_dim) or probs @ values (inner = positions). For one decoding token (t = 1) as a
+    broadcast multiply and a sum over `inner`, which XLA fuses into one pass over the cache: as a
+    dot, XLA:CPU copied the whole cache into another layout on every step."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    if seq == 1:
+        return jnp.sum(a[..., None] * b[:, :, None, None], axis=-2)
+    return jnp.einsum("bkgti,bkic->bkgtc", a, b)
 
 
 class Attention(hk.Module):
@@ -172,22 +186,22 @@ class Attention(hk.Module):
         inv_freq, scale = rope_frequencies(c.head_dim, c.rope)
         q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
 
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)         # [b, kv, d, t], [b, kv, t, d]
         if cache is None:
             k_pos = positions
         else:  # write this chunk at cache_pos, then attend over the whole (fixed-size) cache
-            start = (0, cache_pos, 0, 0)
-            cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-                               jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
-            k, v = cache.k, cache.v
-            k_pos = jnp.arange(k.shape[1])
+            cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_pos)),
+                               jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_pos, 0)))
+            k, v = cache.k, cache.v                                       # [b, kv, d, s], [b, kv, s, d]
+            k_pos = jnp.arange(v.shape[2])
 
         q = q.reshape(batch, seq, c.n_kv_heads, group, c.head_dim)       # [b, t, kv, group, d]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                            preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
+        scores = attention_product(q.transpose(0, 2, 3, 1, 4), k, seq) / math.sqrt(c.head_dim)
         mask = attention_mask(positions, k_pos, self.window)             # [t, s]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)          # [b, kv, group, t, s]
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, c.n_heads * c.head_dim)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, s]
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = attention_product(probs, v, seq).transpose(0, 3, 1, 2, 4)   # [b, t, kv, group, d]
+        out = out.reshape(batch, seq, c.n_heads * c.head_dim)
         out = out.astype(x.dtype)  # a float32 cache (on CPU) must not turn the residual stream float32
         return Linear(c.d_model, with_bias=c.o_bias, name="o_proj")(out), cache
 

@@ -37,8 +37,9 @@ class Cache(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    shape = (batch, max_len, config.n_kv_heads, config.head_dim)
-    layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    keys = (batch, config.n_kv_heads, config.head_dim, max_len)     # see LayerCache
+    values = (batch, config.n_kv_heads, max_len, config.head_dim)
+    layers = tuple(LayerCache(jnp.zeros(keys, dtype), jnp.zeros(values, dtype))
                    for _ in range(config.n_layers))
     return Cache(layers, jnp.zeros((), jnp.int32))
 
