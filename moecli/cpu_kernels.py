@@ -58,7 +58,8 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # build aside, then rename: atomic
         built = Path(tmp) / library.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"building the CPU kernels failed: {result.stderr.strip()[-500:]}")
         built.replace(library)
@@ -76,7 +77,7 @@ def available() -> bool:
         library = ctypes.CDLL(str(_build()))
         for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as e:
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
         return False
     return True
