@@ -132,7 +132,10 @@ class Decoder:
 
         Each step dispatches the next decode before reading the current token on the host (JAX runs
         asynchronously, so the round trip is hidden), and every token yielded is already in the
-        cache: a chat can continue from wherever the consumer stopped reading."""
+        cache: a chat can continue from wherever the consumer stopped reading. One exception keeps
+        the first token quick: while the decode step is not compiled yet, the first token is shown
+        before compiling it, and enters the cache when the consumer asks for the next one
+        (`ids` and `pos` always say what the cache holds)."""
         params.validate()
         if max_new_tokens <= 0:
             raise UsageError(f"max tokens must be positive, got {max_new_tokens}",
@@ -144,6 +147,9 @@ class Decoder:
         token = self._run("sample", 1, logits, sub, settings, self.seen)
         for i in range(max_new_tokens):
             full = self.pos >= self.max_len
+            shown = i == 0 and not full and ("decode", 1) not in self._compiled
+            if shown:  # tracing and compiling the decode step takes ~0.5 s: show the token first
+                yield int(token[0])
             if not full:
                 key, sub = jax.random.split(key)
                 next_token, self.cache, self.seen, routing = self._run(
@@ -153,7 +159,8 @@ class Decoder:
             if not full:
                 self.ids.append(tid)
                 self._record(routing, 1)
-            yield tid
+            if not shown:
+                yield tid
             if tid in stop_ids or full:
                 return
             token = next_token

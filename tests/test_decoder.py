@@ -44,6 +44,26 @@ def test_decoder_cache_holds_every_yielded_token(folder):
     assert decoder.ids == [5, 6, 7] + out and decoder.pos == 9
 
 
+def test_first_token_comes_before_the_decode_step_compiles(folder):
+    """A fresh decoder shows its first token before compiling the decode step; stopping right
+    there leaves that token out of the cache, and `ids`/`pos` say so, so a chat that continues
+    simply prefills it. Asking for the next token puts it in the cache as usual."""
+    model, greedy = load_model(folder, dtype="float32"), SamplingParams()
+    want = list(Decoder(model, max_len=64).tokens([5, 6, 7], greedy, max_new_tokens=4))
+
+    decoder = Decoder(model, max_len=64)
+    stream = decoder.tokens([5, 6, 7], greedy, max_new_tokens=4)
+    assert next(stream) == want[0]
+    assert ("decode", 1) not in decoder._compiled and decoder.ids == [5, 6, 7] and decoder.pos == 3
+    stream.close()                                                # the consumer stops reading here
+    assert list(decoder.tokens([want[0]], greedy, max_new_tokens=3)) == want[1:]   # continues exactly
+    assert decoder.ids == [5, 6, 7] + want and decoder.pos == 7
+
+    decoder = Decoder(model, max_len=64)                          # reading on: cached as usual
+    stream = decoder.tokens([5, 6, 7], greedy, max_new_tokens=4)
+    assert [next(stream), next(stream)] == want[:2] and decoder.ids[:5] == [5, 6, 7] + want[:2]
+
+
 def test_generate_api_matches_generate_tokens(folder):
     from moecli import generate_tokens
 
