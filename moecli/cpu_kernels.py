@@ -49,7 +49,8 @@ def _build() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    flags = ["-O3", "-DNDEBUG", "-mprefer-vector-width=512", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+    flags = ["-O3", "-DNDEBUG", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
+             f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, _cpu_signature(), compiler, *flags])
                          .encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"

@@ -144,11 +144,11 @@ def attention_product(a: jax.Array, b: jax.Array, seq: int) -> jax.Array:
     """a [batch, kv, group, t, inner] @ b [batch, kv, inner, cols] per head, in float32: q @ keys
     (inner = head_dim) or probs @ values (inner = positions). For one decoding token (t = 1) as a
     broadcast multiply and a sum over `inner`, which XLA fuses into one pass over the cache: as a
-    dot, XLA:CPU copied the whole cache into another layout on every step."""
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    dot, XLA:CPU copied the whole cache into another layout on every step. Longer chunks use a
+    dot in the cache's dtype (bf16 on accelerators), accumulated in float32."""
     if seq == 1:
-        return jnp.sum(a[..., None] * b[:, :, None, None], axis=-2)
-    return jnp.einsum("bkgti,bkic->bkgtc", a, b)
+        return jnp.sum(a.astype(jnp.float32)[..., None] * b.astype(jnp.float32)[:, :, None, None], axis=-2)
+    return jnp.einsum("bkgti,bkic->bkgtc", a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
 class Attention(hk.Module):
