@@ -1,16 +1,20 @@
-"""Hand-written CPU kernels for batch-1 decoding, compiled on first use and called from jitted code.
+"""Hand-written CPU kernels for the MoE experts and attention, compiled on first use, called from jitted code.
 
-XLA:CPU is fast at large matrix products but leaves memory bandwidth unused where MoE decoding
-lives: it copies a dynamically chosen expert's weights before multiplying, runs a 2 MB
-matrix-vector product on one core, and turns bfloat16 weights into a float32 copy first. The C++
-kernels in `csrc/cpu_kernels.cc` read each chosen weight once, in place, on every core of XLA's own
-thread pool, widening bfloat16 to float32 in registers (see the numbers at the top of that file and
-in BENCHMARKS.md). They are XLA FFI custom calls (`jax.ffi`), so they compose with jit, scan and
-the rest of the model; the pure-JAX paths in `moe.py` and `layers.py` compute the same thing and
-are what the tests compare them against.
+XLA:CPU is fast at one large matrix product but slow where a MoE model spends its time:
+- decoding (csrc/cpu_kernels.cc): it copies a dynamically chosen expert's weights before
+  multiplying, runs a 2 MB matrix-vector product on one core, and turns bfloat16 weights into a
+  float32 copy first. The kernels read each chosen weight once, in place, on every core of XLA's
+  own thread pool, widening bfloat16 to float32 in registers.
+- prompts (csrc/grouped_gemm.cc): each expert gets a run-time number of tokens, which static
+  shapes can only pad; the kernel is one grouped matrix product over exactly those tokens.
+- attention (csrc/attention.cc): XLA computes and masks scores over the whole fixed-size cache;
+  the kernel visits only the keys each query may see (online softmax, as in FlashAttention).
+They are XLA FFI custom calls (`jax.ffi`), so they compose with jit, scan and the rest of the
+model; the pure-JAX paths in `moe.py` and `layers.py` compute the same thing, are what the tests
+compare them against, and give the gradients (`with_reference_gradient`). Numbers in BENCHMARKS.md.
 
 The shared library is built with the system C++ compiler ($CXX, else g++ or c++) into moecli's
-cache folder the first time it is needed (~10 s), keyed by the source, the jaxlib version and the
+cache folder the first time it is needed (~15 s), keyed by the sources, the jaxlib version and the
 CPU. No compiler, a failed build or MOECLI_CPU_KERNELS=0: moecli runs the pure-JAX paths instead
 (`status()` says why), slower but the same numbers up to float32 rounding.
 """
@@ -28,9 +32,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cc"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _why_not: str | None = None
+_library: ctypes.CDLL | None = None
 
 
 def _cpu_signature() -> str:
@@ -51,7 +58,7 @@ def _build() -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     flags = ["-O3", "-DNDEBUG", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
              f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, _cpu_signature(), compiler, *flags])
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), jax.__version__, _cpu_signature(), compiler, *flags])
                          .encode()).hexdigest()[:16]
     library = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
     if library.exists():
@@ -59,7 +66,7 @@ def _build() -> Path:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # build aside, then rename: atomic
         built = Path(tmp) / library.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"building the CPU kernels failed: {result.stderr.strip()[-500:]}")
@@ -75,8 +82,11 @@ def available() -> bool:
         _why_not = "turned off by MOECLI_CPU_KERNELS=0"
         return False
     try:
-        library = ctypes.CDLL(str(_build()))
-        for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec")):
+        global _library
+        library = _library = ctypes.CDLL(str(_build()))
+        for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec"),
+                             ("moecli_grouped_experts", "MoecliGroupedExperts"), ("moecli_attention", "MoecliAttention"),
+                             ("moecli_matmul", "MoecliMatmul")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -84,9 +94,16 @@ def available() -> bool:
     return True
 
 
+def amx() -> bool:
+    """Whether bfloat16 prompts run on the CPU's AMX tiles (csrc/gemm_amx.h); MOECLI_CPU_AMX=0 says no."""
+    return available() and bool(_library.MoecliAmxReady())
+
+
 def status() -> str:
     """One line for --verbose: are the kernels in use, and if not, why."""
-    return "CPU decode kernels: on" if available() else f"CPU decode kernels: off ({_why_not})"
+    if not available():
+        return f"CPU kernels: off ({_why_not})"
+    return "CPU kernels: on" + (" (AMX for bfloat16 prompts)" if amx() else "")
 
 
 def _require() -> None:
@@ -94,19 +111,56 @@ def _require() -> None:
         raise RuntimeError(status())
 
 
+DECODE_ROWS = 8  # up to this many rows a product is a few matrix-vector products (decoding)
+
+
+def on() -> bool:
+    """Whether to call the kernels (decided at trace time): CPU backend and kernels built."""
+    return jax.default_backend() == "cpu" and available()
+
+
 def use_for(rows: int) -> bool:
-    """Whether to call a kernel at trace time: CPU backend, few rows (decoding), kernels built."""
-    return rows <= 8 and jax.default_backend() == "cpu" and available()
+    """Whether a dense product of `rows` rows goes through `matvec`: decoding on CPU."""
+    return rows <= DECODE_ROWS and on()
+
+
+def with_reference_gradient(kernel, reference):
+    """kernel(*args) on the forward pass; gradients (training on CPU) through the pure-JAX
+    `reference`, which computes the same thing: XLA cannot differentiate a custom call."""
+    f = jax.custom_vjp(kernel)
+    f.defvjp(lambda *args: (kernel(*args), args), lambda args, g: jax.vjp(reference, *args)[1](g))
+    return f
 
 
 def experts(x, expert_ids, gate_weights, w_gate, w_up, w_down) -> jax.Array:
     """sum_k gate_weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]) for tokens x [t, d]; returns x's dtype.
-    Weights [experts, d, f] / [experts, f, d] in float32 or bfloat16; ids outside [0, experts) skipped."""
+    Weights [experts, d, f] / [experts, f, d] in float32 or bfloat16; ids outside [0, experts) skipped.
+    A few tokens (decoding) run as matrix-vector products split over the cores
+    (csrc/cpu_kernels.cc); more (a prompt) as one grouped matrix product (csrc/grouped_gemm.cc)."""
     _require()
-    call = jax.ffi.ffi_call("moecli_experts", jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    kernel = "moecli_experts" if x.shape[0] <= DECODE_ROWS else "moecli_grouped_experts"
+    call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     y = call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), gate_weights.astype(jnp.float32),
              w_gate, w_up, w_down)
     return y.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, window: int | None) -> jax.Array:
+    """Causal softmax(q k) v for q [batch, kv_heads, group, t, head_dim] (already scaled) at positions
+    start.. over keys [batch, kv_heads, head_dim, len] and values [batch, kv_heads, len, head_dim]:
+    each query sees the keys at or before its position (within `window` positions, if given).
+    Returns float32 [batch, kv_heads, group, t, head_dim]."""
+    _require()
+    call = jax.ffi.ffi_call("moecli_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                jnp.asarray(start, jnp.int32).reshape(()), window=np.int64(window or 0))
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] for bfloat16 w on AMX (see `amx`), accumulated in float32; returns x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    call = jax.ffi.ffi_call("moecli_matmul", jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32))
+    return call(rows, w).reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
 
 
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:

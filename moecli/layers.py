@@ -19,14 +19,19 @@ from moecli.config import ModelConfig, RopeConfig
 
 
 def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's). Decoding on CPU with
-    bfloat16 weights goes through the hand-written kernel in `moecli.cpu_kernels`: XLA:CPU would
-    first convert the whole matrix to float32 in memory (~20x slower than reading it)."""
+    """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's). On CPU, bfloat16 weights go
+    through the hand-written kernels in `moecli.cpu_kernels`: when decoding, XLA:CPU would first
+    convert the whole matrix to float32 in memory (~20x slower than reading it); for a prompt,
+    AMX tiles where the CPU has them (~4x XLA's bfloat16 dot)."""
     from moecli import cpu_kernels
 
     out_dtype = out_dtype or x.dtype
-    if w.dtype == jnp.bfloat16 and cpu_kernels.use_for(math.prod(x.shape[:-1])):
-        return cpu_kernels.matvec(x, w).astype(out_dtype)
+    if w.dtype == jnp.bfloat16 and cpu_kernels.on():
+        if cpu_kernels.use_for(math.prod(x.shape[:-1])):
+            return cpu_kernels.matvec(x, w).astype(out_dtype)
+        if cpu_kernels.amx():
+            reference = lambda x, w: jnp.matmul(x, w, preferred_element_type=x.dtype)  # noqa: E731
+            return cpu_kernels.with_reference_gradient(cpu_kernels.matmul, reference)(x, w).astype(out_dtype)
     return jnp.matmul(x, w, preferred_element_type=out_dtype)
 
 
@@ -151,6 +156,29 @@ def attention_product(a: jax.Array, b: jax.Array, seq: int) -> jax.Array:
     return jnp.einsum("bkgti,bkic->bkgtc", a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
+def attend_xla(q, k, v, positions, window: int | None) -> jax.Array:
+    """softmax(q k / sqrt(head_dim), causal mask) v as XLA ops: q [b, kv, group, t, d] at `positions`
+    [t], keys [b, kv, d, len] and values [b, kv, len, d] at positions 0..len-1 -> float32 [b, kv, group, t, d]."""
+    scores = attention_product(q, k, q.shape[3]) / math.sqrt(q.shape[-1])
+    mask = attention_mask(positions, jnp.arange(k.shape[-1]), window)  # [t, len]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, len]
+    return attention_product(jax.nn.softmax(scores, axis=-1), v, q.shape[3])
+
+
+def attend(q, k, v, positions, window: int | None) -> jax.Array:
+    """`attend_xla`'s result; on CPU from the hand-written kernel in `moecli.cpu_kernels`, which
+    visits only the keys each query may see (XLA's version computes and masks the whole cache:
+    ~2x the work for a prompt, and all of max_len for every decoded token)."""
+    from moecli import cpu_kernels
+
+    if not cpu_kernels.on():
+        return attend_xla(q, k, v, positions, window)
+    kernel = lambda q, k, v, positions: cpu_kernels.attention(  # noqa: E731
+        q.astype(jnp.float32) / math.sqrt(q.shape[-1]), k, v, positions[0], window)
+    reference = lambda q, k, v, positions: attend_xla(q, k, v, positions, window)  # noqa: E731
+    return cpu_kernels.with_reference_gradient(kernel, reference)(q, k, v, positions)
+
+
 class Attention(hk.Module):
     """Grouped-query attention (Ainslie et al. 2023, "GQA") with RoPE and an optional KV cache.
 
@@ -187,20 +215,14 @@ class Attention(hk.Module):
         q, k = apply_rope(q, positions, inv_freq, scale), apply_rope(k, positions, inv_freq, scale)
 
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)         # [b, kv, d, t], [b, kv, t, d]
-        if cache is None:
-            k_pos = positions
-        else:  # write this chunk at cache_pos, then attend over the whole (fixed-size) cache
+        if cache is not None:  # write this chunk at cache_pos, then attend over the whole (fixed-size) cache
             cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_pos)),
                                jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_pos, 0)))
             k, v = cache.k, cache.v                                       # [b, kv, d, s], [b, kv, s, d]
-            k_pos = jnp.arange(v.shape[2])
-
+        # Keys sit at positions 0..len-1: the cache's slots, or without a cache this chunk (from 0).
         q = q.reshape(batch, seq, c.n_kv_heads, group, c.head_dim)       # [b, t, kv, group, d]
-        scores = attention_product(q.transpose(0, 2, 3, 1, 4), k, seq) / math.sqrt(c.head_dim)
-        mask = attention_mask(positions, k_pos, self.window)             # [t, s]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, s]
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = attention_product(probs, v, seq).transpose(0, 3, 1, 2, 4)   # [b, t, kv, group, d]
+        out = attend(q.transpose(0, 2, 3, 1, 4), k, v, positions, self.window)
+        out = out.transpose(0, 3, 1, 2, 4)                               # [b, t, kv, group, d]
         out = out.reshape(batch, seq, c.n_heads * c.head_dim)
         out = out.astype(x.dtype)  # a float32 cache (on CPU) must not turn the residual stream float32
         return Linear(c.d_model, with_bias=c.o_bias, name="o_proj")(out), cache

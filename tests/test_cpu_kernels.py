@@ -1,9 +1,10 @@
-"""The hand-written CPU decode kernels (moecli/csrc/cpu_kernels.cc) against the pure-JAX paths."""
+"""The hand-written CPU kernels (moecli/csrc: decoding, grouped experts for prompts) against the pure-JAX paths."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 from moecli import cpu_kernels
 from moecli.config import ModelConfig
 from moecli.model import init_cache, transformed
-from moecli.moe import experts_dense, route
+from moecli.moe import route
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.status())
 
@@ -22,26 +23,65 @@ def upcast(*arrays):
     return [a.astype(jnp.float32) for a in arrays]
 
 
+def experts_reference(x, w_gate, w_up, w_down, routing, n_experts, bf16_activations=False):
+    """experts_dense in float32; with bf16_activations, rounding the inputs and the hidden
+    activations to bfloat16 first, as the AMX path does."""
+    r = (lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)) if bf16_activations else (lambda a: a)
+    w_gate, w_up, w_down = upcast(w_gate, w_up, w_down)
+    hidden = jax.nn.silu(jnp.einsum("td,edf->tef", r(x), w_gate)) * jnp.einsum("td,edf->tef", r(x), w_up)
+    y = jnp.einsum("tef,efd->ted", r(hidden), w_down)
+    combine = jnp.sum(jax.nn.one_hot(routing.experts, n_experts) * routing.weights[..., None], axis=-2)
+    return jnp.einsum("te,ted->td", combine, y)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_experts_kernel_equals_dense_reference(tokens, dtype):
-    n_experts, top_k, d, f = 6, 3, 20, 36  # d not a multiple of 4 or 16: the loops' tails run
+@pytest.mark.parametrize("tokens,d,f", [(1, 20, 36), (3, 20, 36), (40, 20, 36), (100, 300, 140)])
+def test_experts_kernel_equals_dense_reference(tokens, d, f, dtype):
+    """Up to 8 tokens: the decoding kernel; more: the grouped one. Sizes off every block size
+    (4, 16, 32, 128, 256), so every loop's tail runs; 300 spans two blocks of depth."""
+    n_experts, top_k = 6, 3
     k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(tokens), 5)
     x = jax.random.normal(k1, (tokens, d))
-    w_gate, w_up = (jax.random.normal(k, (n_experts, d, f)).astype(dtype) for k in (k2, k3))
-    w_down = jax.random.normal(k4, (n_experts, f, d)).astype(dtype)
+    w_gate, w_up = ((jax.random.normal(k, (n_experts, d, f)) * 2 / d ** 0.5).astype(dtype) for k in (k2, k3))
+    w_down = (jax.random.normal(k4, (n_experts, f, d)) * 2 / f ** 0.5).astype(dtype)
     routing = route(x[None], jax.random.normal(k5, (d, n_experts)), top_k, True)
     flat = type(routing)(*(t[0] for t in routing))
-    want = experts_dense(x, *upcast(w_gate, w_up, w_down), flat, n_experts)
+    amx = dtype == jnp.bfloat16 and tokens > cpu_kernels.DECODE_ROWS and cpu_kernels.amx()
+    tolerance = dict(rtol=1e-3, atol=1e-2) if amx else dict(rtol=1e-4, atol=1e-3)
+    want = experts_reference(x, w_gate, w_up, w_down, flat, n_experts, amx)
     got = jax.jit(cpu_kernels.experts)(x, flat.experts, flat.weights, w_gate, w_up, w_down)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tolerance)
     # Ids outside [0, n_experts) are another device's experts: skipped.
     n_local = 4
     here = flat.experts < n_local
     local = flat._replace(experts=jnp.where(here, flat.experts, n_local), weights=jnp.where(here, flat.weights, 0.0))
-    want = experts_dense(x, *upcast(w_gate, w_up, w_down), local._replace(experts=jnp.minimum(local.experts, 5)), 6)
+    want = experts_reference(x, w_gate, w_up, w_down, local._replace(experts=jnp.minimum(local.experts, 5)), 6, amx)
     got = cpu_kernels.experts(x, local.experts, local.weights, w_gate[:n_local], w_up[:n_local], w_down[:n_local])
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tolerance)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx(), reason="no AMX on this CPU: the bfloat16 test above ran the float32 engine")
+def test_bfloat16_prompt_without_amx_uses_the_float32_engine():
+    """MOECLI_CPU_AMX=0: bfloat16 weights widened to float32, activations not rounded."""
+    code = """if True:
+        import jax, jax.numpy as jnp, numpy as np
+        from moecli import cpu_kernels
+        from test_cpu_kernels import experts_reference, route
+        ks = jax.random.split(jax.random.PRNGKey(0), 5)
+        x = jax.random.normal(ks[0], (50, 40))
+        w_gate, w_up = ((jax.random.normal(k, (4, 40, 70)) / 6).astype(jnp.bfloat16) for k in ks[1:3])
+        w_down = (jax.random.normal(ks[3], (4, 70, 40)) / 8).astype(jnp.bfloat16)
+        routing = route(x[None], jax.random.normal(ks[4], (40, 4)), 2, True)
+        flat = type(routing)(*(t[0] for t in routing))
+        got = cpu_kernels.experts(x, flat.experts, flat.weights, w_gate, w_up, w_down)
+        want = experts_reference(x, w_gate, w_up, w_down, flat, 4)
+        print(cpu_kernels.amx(), float(jnp.max(jnp.abs(got - want))))
+    """
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOECLI_CPU_AMX": "0"}, cwd=Path(__file__).parent,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    amx, error = out.stdout.split()
+    assert amx == "False" and float(error) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -54,26 +94,29 @@ def test_matvec_equals_matmul(rows, k, n, dtype):
 
 
 def test_bfloat16_decode_with_and_without_kernels(monkeypatch):
-    """A whole decode step of a bf16 model: kernels on vs the pure-JAX paths (bf16 rounding apart)."""
+    """A prefill and a decode step of a bf16 model: kernels on vs the pure-JAX paths (bf16 rounding apart)."""
     config = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          head_dim=8, d_ff=0, d_expert=48, n_experts=4, top_k=2, moe_layers=(True, True))
     model = transformed(config)
-    prompt = jnp.array([[5, 9, 17, 3]])
+    prompt = jnp.array([[5, 9, 17, 3, 8, 60, 2, 33, 41, 7, 12, 50]])  # > 8 tokens: the grouped kernel
     params = model.init(jax.random.PRNGKey(0), prompt)
     params = jax.tree_util.tree_map(lambda p: (p * 4).astype(jnp.bfloat16), params)  # decisive routing
 
     def decode_logits():
-        cache = init_cache(config, 1, 8, jnp.float32)
-        _, cache, _ = jax.jit(model.apply)(params, prompt, cache)
+        cache = init_cache(config, 1, 16, jnp.float32)
+        prefill, cache, first = jax.jit(model.apply)(params, prompt, cache)
         logits, _, routing = jax.jit(model.apply)(params, jnp.array([[11]]), cache)
-        return np.asarray(logits, np.float32), np.asarray(routing.experts)
+        return [np.asarray(prefill, np.float32), np.asarray(first.experts),
+                np.asarray(logits, np.float32), np.asarray(routing.experts)]
 
     with_kernels = decode_logits()
-    monkeypatch.setattr(cpu_kernels, "use_for", lambda rows: False)
+    monkeypatch.setattr(cpu_kernels, "on", lambda: False)
     without = decode_logits()
-    np.testing.assert_array_equal(with_kernels[1], without[1])
-    scale = np.abs(without[0]).max()
-    np.testing.assert_allclose(with_kernels[0], without[0], atol=0.03 * scale, rtol=0)
+    for got, want in zip(with_kernels, without):
+        if want.dtype == np.int32:  # the experts chosen
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max(), rtol=0)
 
 
 def kernels_status_in_subprocess(**env) -> str:
@@ -86,10 +129,58 @@ def kernels_status_in_subprocess(**env) -> str:
 
 def test_switched_off_by_environment():
     assert kernels_status_in_subprocess(MOECLI_CPU_KERNELS="0") == \
-        "False CPU decode kernels: off (turned off by MOECLI_CPU_KERNELS=0)"
+        "False CPU kernels: off (turned off by MOECLI_CPU_KERNELS=0)"
 
 
 def test_failed_build_falls_back(tmp_path):
     status = kernels_status_in_subprocess(MOECLI_CACHE=str(tmp_path), CXX="false")
-    assert status.startswith("False CPU decode kernels: off (building the CPU kernels failed")
+    assert status.startswith("False CPU kernels: off (building the CPU kernels failed")
     assert not list((tmp_path / "kernels").glob("*.so"))  # no half-built library left behind
+
+
+@pytest.mark.parametrize("group,t,length,start,window,head_dim", [
+    (2, 1, 40, 17, None, 8),      # one decoding token: keys 0..17 of a longer cache
+    (1, 70, 70, 0, None, 20),     # a prompt, no cache: head_dim off the vector width, 2 key blocks
+    (4, 37, 150, 100, None, 64),  # a chunk after a filled prefix; the query blocks' tail
+    (2, 30, 64, 10, 7, 16),       # sliding window
+])
+def test_attention_kernel_equals_xla(group, t, length, start, window, head_dim):
+    from moecli.layers import attend_xla
+
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
+    q = jax.random.normal(kq, (1, 3, group, t, head_dim)) * 2  # peaked softmax: errors would show
+    k = jax.random.normal(kk, (1, 3, head_dim, length))
+    v = jax.random.normal(kv, (1, 3, length, head_dim))
+    positions = start + jnp.arange(t)
+    want = attend_xla(q, k, v, positions, window)
+    got = jax.jit(cpu_kernels.attention, static_argnums=4)(q / head_dim ** 0.5, k, v, positions[0], window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_through_the_kernels_are_the_reference_ones(monkeypatch):
+    """Training on CPU differentiates the model: the kernels' custom VJP uses the pure-JAX paths."""
+    config = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                         head_dim=8, d_ff=0, d_expert=48, n_experts=4, top_k=2, moe_layers=(True,))
+    model = transformed(config)
+    ids = jnp.arange(12)[None] % 64
+    params = model.init(jax.random.PRNGKey(0), ids)
+
+    def loss(params):
+        logits = model.apply(params, ids)[0]
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    with_kernels = jax.grad(loss)(params)
+    monkeypatch.setattr(cpu_kernels, "on", lambda: False)
+    without = jax.grad(loss)(params)
+    for got, want in zip(jax.tree_util.tree_leaves(with_kernels), jax.tree_util.tree_leaves(without)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("rows,k,n", [(9, 20, 36), (300, 70, 130)])
+def test_amx_matmul_equals_rounded_reference(rows, k, n):
+    x = jax.random.normal(jax.random.PRNGKey(0), (rows, k))
+    w = jax.random.normal(jax.random.PRNGKey(1), (k, n)).astype(jnp.bfloat16)
+    got = jax.jit(cpu_kernels.matmul)(x, w)
+    want = x.astype(jnp.bfloat16).astype(jnp.float32) @ w.astype(jnp.float32)  # AMX rounds x to bfloat16
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)

@@ -1,0 +1,175 @@
+// Prefill kernel for XLA:CPU: the MoE experts of a whole prompt as one grouped matrix product.
+//
+// Why: a prompt's tokens choose experts at run time, so expert e multiplies a run-time number of
+// rows. XLA needs static shapes: the pure-JAX path (moe.experts_blocked) pads every expert's rows
+// to 128-row blocks (~50% extra rows at a 512-token prompt) and runs a scan of small dots
+// (measured ~48 GFLOP/s of useful work on 2 cores). Here each expert multiplies exactly its own
+// rows (padded to the engine's sliver of 12 or 16 rows): the assignments are grouped by expert,
+// the tokens' inputs packed once, then every (expert, column block) product is one work item on
+// XLA's intra-op thread pool.
+//
+// Two engines do the products: float32 register tiles on any CPU (gemm_fp32.h; bfloat16 weights
+// are widened as they are packed), and AMX tiles for bfloat16 weights where the CPU has them
+// (gemm_amx.h).
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "gemm_amx.h"
+#include "gemm_fp32.h"
+
+namespace {
+
+using moecli::AmxEngine;
+using moecli::Fp32Engine;
+using moecli::parallel_for;
+using moecli::round_up;
+using moecli::Workspace;
+namespace ffi = xla::ffi;
+constexpr int64_t kNC = moecli::kNC;  // columns per work item
+static_assert(AmxEngine::kCols == kNC, "both engines fill the same column blocks");
+
+// y[t] = sum over the token's assignments a of weight[a] * SwiGLU_e(x[t]), e = expert[a], for a
+// prompt's worth of tokens; ids outside [0, n_experts) (another device's experts) are skipped.
+template <typename W, typename E>
+ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
+                              ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                              ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  constexpr int R = E::kRows;
+  const int64_t tokens = x.dimensions()[0], d = x.dimensions()[1], top_k = experts.dimensions()[1];
+  const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2], n = tokens * top_k;
+  const W *wg = static_cast<const W*>(w_gate.untyped_data()), *wu = static_cast<const W*>(w_up.untyped_data()),
+          *wd = static_cast<const W*>(w_down.untyped_data());
+  const int32_t* expert = experts.typed_data();
+  const float *xs = x.typed_data(), *gate = gates.typed_data();
+
+  // 1. Group the assignments by expert: expert e owns slivers first[e]..first[e + 1] (R rows each).
+  std::vector<int64_t> count(n_experts, 0), first(n_experts + 1, 0), row_of(n, -1);
+  for (int64_t i = 0; i < n; ++i)
+    if (expert[i] >= 0 && expert[i] < n_experts) ++count[expert[i]];
+  for (int64_t e = 0; e < n_experts; ++e) first[e + 1] = first[e] + (count[e] + R - 1) / R;
+  const int64_t slivers = first[n_experts], rows = slivers * R;
+  std::vector<const float*> row_x(rows, nullptr);  // each row's token (nullptr: padding)
+  std::fill(count.begin(), count.end(), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = expert[i];
+    if (e < 0 || e >= n_experts) continue;
+    row_of[i] = first[e] * R + count[e]++;
+    row_x[row_of[i]] = xs + (i / top_k) * d;
+  }
+
+  // 2. Pack the tokens' inputs as A slivers (packed rows of E::row_size(d) elements).
+  const int64_t fp = round_up(f, 32), f_blocks = (f + kNC - 1) / kNC, kd = E::row_size(d);
+  const int64_t dp = round_up(d, 32), d_blocks = (d + kNC - 1) / kNC, kf = E::row_size(f);
+  const int64_t a_floats = sizeof(typename E::A) * rows * std::max(kd, kf) / sizeof(float);
+  Workspace work(2 * round_up(a_floats, 16) + 2 * round_up(rows * fp, 16) + round_up(rows * dp, 16));
+  auto *ax = reinterpret_cast<typename E::A*>(work.take(a_floats)),
+       *ah = reinterpret_cast<typename E::A*>(work.take(a_floats));
+  float *hg = work.take(rows * fp), *hu = work.take(rows * fp), *yd = work.take(rows * dp);
+  parallel_for(pool, slivers, [&](int64_t s) { E::pack(&row_x[s * R], d, ax + s * R * kd); });
+
+  // 3. gate and up projections, work items (expert, gate or up, column block); then
+  // hidden = silu(gate) * up, packed as the A slivers of the down projection.
+  parallel_for(pool, n_experts * 2 * f_blocks, [&](int64_t item) {
+    const int64_t e = item / (2 * f_blocks), up = (item / f_blocks) % 2, n0 = (item % f_blocks) * kNC;
+    if (first[e + 1] == first[e]) return;
+    E::gemm(ax + first[e] * R * kd, first[e + 1] - first[e], d, (up ? wu : wg) + e * d * f, f, n0,
+            (up ? hu : hg) + first[e] * R * fp, fp);
+  });
+  parallel_for(pool, slivers, [&](int64_t s) {
+    const float* hidden[R];
+    for (int i = 0; i < R; ++i) {
+      float *g = hg + (s * R + i) * fp, *u = hu + (s * R + i) * fp;
+      for (int64_t k = 0; k < f; ++k) g[k] = g[k] / (1.f + std::exp(-g[k])) * u[k];
+      hidden[i] = g;
+    }
+    E::pack(hidden, f, ah + s * R * kf);
+  });
+
+  // 4. Down projection, work items (expert, column block).
+  parallel_for(pool, n_experts * d_blocks, [&](int64_t item) {
+    const int64_t e = item / d_blocks, n0 = (item % d_blocks) * kNC;
+    if (first[e + 1] == first[e]) return;
+    E::gemm(ah + first[e] * R * kf, first[e + 1] - first[e], f, wd + e * f * d, d, n0, yd + first[e] * R * dp, dp);
+  });
+
+  // 5. y[t] = the gate-weighted sum of its assignments' rows, in assignment order.
+  float* out = y->typed_data();
+  parallel_for(pool, tokens, [&](int64_t t) {
+    float* yt = out + t * d;
+    std::fill(yt, yt + d, 0.f);
+    for (int64_t i = t * top_k; i < (t + 1) * top_k; ++i) {
+      if (row_of[i] < 0) continue;
+      const float* row = yd + row_of[i] * dp;
+      for (int64_t j = 0; j < d; ++j) yt[j] += gate[i] * row[j];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
+                          ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                          ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  if (w_gate.element_type() != ffi::BF16)
+    return GroupedExpertsImpl<float, Fp32Engine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+  if (moecli::amx_ready())
+    return GroupedExpertsImpl<uint16_t, AmxEngine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+  return GroupedExpertsImpl<uint16_t, Fp32Engine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+}
+
+// y[m, N] = x[m, K] @ w[K, N] for a prompt's rows, bfloat16 weights on AMX (XLA:CPU's bfloat16
+// dots run at float32 speed or below). Work items: (row block, column block), with as few row
+// blocks as keep every thread busy (each packs its column block of w again).
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                  ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  using E = AmxEngine;
+  if (!moecli::amx_ready()) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "moecli_matmul needs AMX");
+  const int64_t m = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+  const int64_t slivers = (m + E::kRows - 1) / E::kRows, kk = E::row_size(K), np = round_up(N, 32);
+  const int64_t col_blocks = (N + kNC - 1) / kNC;
+  const int64_t row_blocks = std::min(slivers, (2 * pool.num_threads() + col_blocks - 1) / col_blocks);
+  const int64_t per_block = (slivers + row_blocks - 1) / row_blocks;
+  const int64_t a_floats = slivers * E::kRows * kk / 2;
+  Workspace work(round_up(a_floats, 16) + slivers * E::kRows * np);
+  auto* a = reinterpret_cast<E::A*>(work.take(a_floats));
+  float* c = work.take(slivers * E::kRows * np);
+  const float* xs = x.typed_data();
+  parallel_for(pool, slivers, [&](int64_t s) {
+    const float* rows[E::kRows];
+    for (int i = 0; i < E::kRows; ++i) rows[i] = s * E::kRows + i < m ? xs + (s * E::kRows + i) * K : nullptr;
+    E::pack(rows, K, a + s * E::kRows * kk);
+  });
+  const auto* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
+  parallel_for(pool, row_blocks * col_blocks, [&](int64_t item) {
+    const int64_t s0 = (item / col_blocks) * per_block, n0 = (item % col_blocks) * kNC;
+    if (s0 >= slivers) return;
+    E::gemm(a + s0 * E::kRows * kk, std::min(per_block, slivers - s0), K, ws, N, n0, c + s0 * E::kRows * np, np);
+  });
+  for (int64_t r = 0; r < m; ++r) std::copy(c + r * np, c + r * np + N, y->typed_data() + r * N);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// For `moe generate --verbose` and the tests: whether bfloat16 prompts use AMX (see gemm_amx.h).
+extern "C" int MoecliAmxReady() { return moecli::amx_ready() ? 1 : 0; }
