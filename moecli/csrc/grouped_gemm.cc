@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -80,9 +81,13 @@ ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   });
   parallel_for(pool, slivers, [&](int64_t s) {
     const float* hidden[R];
-    for (int i = 0; i < R; ++i) {
+    for (int i = 0; i < R; ++i) {  // rows are padded to fp, a multiple of 16 columns
       float *g = hg + (s * R + i) * fp, *u = hu + (s * R + i) * fp;
-      for (int64_t k = 0; k < f; ++k) g[k] = g[k] / (1.f + std::exp(-g[k])) * u[k];
+      for (int64_t k = 0; k < f; k += 16) {
+        const moecli::Vec16 gk = moecli::load16(g + k), silu = gk / (1.f + moecli::exp16(-gk));
+        const moecli::Vec16 h = silu * moecli::load16(u + k);
+        std::memcpy(g + k, &h, sizeof h);
+      }
       hidden[i] = g;
     }
     E::pack(hidden, f, ah + s * R * kf);
