@@ -76,4 +76,19 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   while (state->running.load() > 0) std::this_thread::yield();  // helpers may still hold `fn`
 }
 
+// The experts kernels' signature (decoding, cpu_kernels.cc; prompts, grouped_gemm.cc): x [t, d]
+// float32, expert ids [t, k] int32, gate weights [t, k] float32, w_gate, w_up [e, d, f] and
+// w_down [e, f, d] in float32 or bfloat16 -> y [t, d] float32.
+inline auto experts_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace moecli

@@ -166,15 +166,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              moecli::experts_binding());
 
 // For `moe generate --verbose` and the tests: whether bfloat16 prompts use AMX (see gemm_amx.h).
 extern "C" int MoecliAmxReady() { return moecli::amx_ready() ? 1 : 0; }
