@@ -156,16 +156,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, window
                 jnp.asarray(start, jnp.int32).reshape(()), window=np.int64(window or 0))
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., k] @ w [k, n] for bfloat16 w on AMX (see `amx`), accumulated in float32; returns x's dtype."""
+def _product(target: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] through the kernel `target`, accumulated in float32; returns x's dtype."""
+    _require()
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    call = jax.ffi.ffi_call("moecli_matmul", jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32))
     return call(rows, w).reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] for a prompt's rows and bfloat16 w, on AMX (only where `amx()`)."""
+    return _product("moecli_matmul", x, w)
 
 
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., k] @ w [k, n] for a few rows, accumulated in float32; returns x's dtype."""
-    _require()
-    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    call = jax.ffi.ffi_call("moecli_matvec", jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32))
-    return call(rows, w).reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+    """x [..., k] @ w [k, n] for a few rows (decoding), w float32 or bfloat16."""
+    return _product("moecli_matvec", x, w)
