@@ -22,7 +22,7 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's). On CPU, bfloat16 weights go
     through the hand-written kernels in `moecli.cpu_kernels`: when decoding, XLA:CPU would first
     convert the whole matrix to float32 in memory (~20x slower than reading it); for a prompt,
-    AMX tiles where the CPU has them (~4x XLA's bfloat16 dot)."""
+    AMX tiles where the CPU has them (~2x XLA's bfloat16 dot)."""
     from moecli import cpu_kernels
 
     out_dtype = out_dtype or x.dtype

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -20,6 +21,22 @@ inline float to_float(uint16_t v) {  // bfloat16 is the top half of a float32
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// At least `bytes` of scratch memory, 64-byte aligned, kept by the calling thread between calls
+// and grown to the largest request (one buffer per Tag): a fresh multi-megabyte allocation is
+// fresh pages, faulted in and zeroed again on every call.
+template <typename Tag>
+void* thread_buffer(int64_t bytes) {
+  thread_local std::unique_ptr<void, decltype(&std::free)> block(nullptr, &std::free);
+  thread_local int64_t size = 0;
+  if (bytes > size) {
+    block.reset(std::aligned_alloc(64, round_up(bytes, 64)));
+    size = bytes;
+  }
+  return block.get();
 }
 
 // 16 floats: one AVX-512 register (two AVX2 ones; GCC's vector extensions split it).

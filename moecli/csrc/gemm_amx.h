@@ -74,13 +74,7 @@ struct AmxEngine {
   static void gemm(const A* a, int64_t slivers, int64_t K, const uint16_t* w, int64_t N, int64_t n0, float* c,
                    int64_t ldc) {
     const int64_t kp = row_size(K), groups = (std::min(kCols, N - n0) + 15) / 16;  // 16-column B tiles
-    thread_local std::unique_ptr<uint16_t, decltype(&std::free)> packed(nullptr, &std::free);
-    thread_local int64_t packed_size = 0;  // kept between calls, grown to the largest K seen
-    if (kp * kCols > packed_size) {
-      packed.reset(static_cast<uint16_t*>(std::aligned_alloc(64, kp * kCols * 2)));
-      packed_size = kp * kCols;
-    }
-    uint16_t* b = packed.get();
+    uint16_t* b = static_cast<uint16_t*>(thread_buffer<AmxEngine>(kp * kCols * sizeof(uint16_t)));
     // B in VNNI layout: group g, row k/2, column j -> (w[k, n0 + 16g + j], w[k + 1, ...]). Read two
     // rows of w at a time, all the block's columns, asking ahead for the rows after (see gemm_fp32.h).
     const int64_t width = std::min(kCols, N - n0);

@@ -29,22 +29,11 @@ constexpr int64_t kKC = 256;    // depth of a packed block of B: a kKC x kNR sli
 constexpr int64_t kNC = 128;     // columns per work item
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// Scratch memory kept by each calling thread between calls, grown to the largest request: a fresh
-// multi-megabyte allocation is fresh pages, and faulting them in and zeroing them cost ~10% of a
-// prompt's expert time. Carved into arrays aligned for vector loads.
+// Scratch arrays for one call, carved out of the calling thread's kept buffer (see thread_buffer),
+// each aligned for vector loads.
 class Workspace {
  public:
-  explicit Workspace(int64_t floats) {
-    thread_local std::unique_ptr<float, decltype(&std::free)> block(nullptr, &std::free);
-    thread_local int64_t size = 0;
-    if (floats > size) {
-      block.reset(static_cast<float*>(std::aligned_alloc(64, round_up(floats * 4, 64))));
-      size = floats;
-    }
-    next_ = block.get();
-  }
+  explicit Workspace(int64_t floats) : next_(static_cast<float*>(thread_buffer<Workspace>(floats * 4))) {}
   float* take(int64_t floats) {  // the caller sized the workspace for everything it takes
     float* out = next_;
     next_ += round_up(floats, 16);
@@ -53,14 +42,6 @@ class Workspace {
 
  private:
   float* next_;
-};
-
-// A float array aligned for vector loads.
-struct Floats {
-  explicit Floats(int64_t n) : data(static_cast<float*>(std::aligned_alloc(64, round_up(n * 4, 64)))) {}
-  ~Floats() { std::free(data); }
-  Floats(const Floats&) = delete;
-  float* data;
 };
 
 // C[kMR, kNR] (+)= A[kMR, kc] @ B[kc, kNR], A packed as [kc][kMR], B as [kc][kNR], C row-major.
@@ -117,13 +98,14 @@ template <typename W>
 void gemm_columns(const float* a, int64_t slivers, int64_t K, const W* w, int64_t N, int64_t n0, float* c,
                   int64_t ldc) {
   const int64_t nc = round_up(std::min(kNC, N - n0), kNR);
-  thread_local Floats b(kKC * kNC);  // reused: a fresh allocation this size is a fresh mmap (page faults)
+  struct PackedB;
+  float* b = static_cast<float*>(thread_buffer<PackedB>(kKC * kNC * sizeof(float)));
   for (int64_t k0 = 0; k0 < K; k0 += kKC) {
     const int64_t kc = std::min(kKC, K - k0);
-    pack_b(w, N, k0, kc, n0, nc, b.data);
+    pack_b(w, N, k0, kc, n0, nc, b);
     for (int64_t s = 0; s < nc; s += kNR)
       for (int64_t r = 0; r < slivers; ++r)
-        micro_kernel(kc, a + r * K * kMR + k0 * kMR, b.data + s * kc, c + r * kMR * ldc + n0 + s, ldc, k0 > 0);
+        micro_kernel(kc, a + r * K * kMR + k0 * kMR, b + s * kc, c + r * kMR * ldc + n0 + s, ldc, k0 > 0);
   }
 }
 
