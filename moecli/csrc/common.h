@@ -49,6 +49,19 @@ inline Vec16 load16(const float* p) {  // unaligned
   return v;
 }
 
+inline Vec16 load16(const uint16_t* p) {  // 16 bfloat16 values, widened
+  typedef uint16_t Half16 __attribute__((vector_size(32)));
+  typedef uint32_t Bits16 __attribute__((vector_size(64)));
+  Half16 h;
+  std::memcpy(&h, p, sizeof h);
+  const Bits16 bits = __builtin_convertvector(h, Bits16) << 16;
+  Vec16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+
 // e^x to ~1e-7 relative error, 16 at a time (libm's expf is one call per value): 2^n * e^r with
 // n = round(x / ln 2), r = x - n ln 2, |r| <= ln2 / 2, and a degree-6 Taylor polynomial for e^r.
 // x is clamped to [-87, 88]: below, ~1e-38 (never a denormal), above, ~1.6e38 (never inf).
