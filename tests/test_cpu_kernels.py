@@ -145,6 +145,11 @@ def test_failed_build_falls_back(tmp_path):
     (1, 70, 70, 0, None, 20),     # a prompt, no cache: head_dim off the vector width, 2 key blocks
     (4, 37, 150, 100, None, 64),  # a chunk after a filled prefix; the query blocks' tail
     (2, 30, 64, 10, 7, 16),       # sliding window
+    # up to 8 positions (decoding) take the chunked path, 1024 keys a chunk:
+    (2, 1, 3000, 2500, None, 64),  # three chunks, the last one partly filled
+    (2, 8, 1100, 1020, None, 64),  # queries whose keys all lie in the first chunk
+    (4, 5, 1100, 1030, None, 128),
+    (2, 3, 2100, 2050, 1030, 20),  # sliding window: keys masked at a chunk's start; head_dim off the vector width
 ])
 def test_attention_kernel_equals_xla(group, t, length, start, window, head_dim):
     from moecli.layers import attend_xla
@@ -186,3 +191,28 @@ def test_amx_matmul_equals_rounded_reference(rows, k, n):
     got = jax.jit(cpu_kernels.matmul)(x, w)
     want = x.astype(jnp.bfloat16).astype(jnp.float32) @ w.astype(jnp.float32)  # AMX rounds x to bfloat16
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
+
+
+def test_independent_kernel_calls_run_side_by_side():
+    """XLA may run independent custom calls at once, one per pool thread; each kernel's helper then
+    waits in the queue behind the other calls. A kernel that waited for its queued helper hung
+    here (both threads spinning); run in a subprocess, so a hang fails the test."""
+    code = """
+import jax, jax.numpy as jnp
+from moecli import cpu_kernels
+x = jax.random.normal(jax.random.PRNGKey(0), (512, 1024))
+ws = [jax.random.normal(jax.random.PRNGKey(i), (1024, 1024)) * 0.03 for i in range(24)]
+f = jax.jit(lambda x, ws: sum(jnp.sum(cpu_kernels.matmul(x, w)) for w in ws))
+want = float(sum(jnp.sum(x @ w) for w in ws))
+for _ in range(3):
+    got = float(f(x, ws))
+print(abs(got - want) / abs(want))
+"""
+    try:  # (24 independent 512 x 1024 x 1024 products hung every time; fewer or smaller did not)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                             cwd=Path(__file__).parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail("independent kernel calls hung")
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1e-4
+

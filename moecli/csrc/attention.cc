@@ -12,6 +12,7 @@
 // Query i sits at position start + i and sees keys j with j <= start + i and, with a sliding
 // window w > 0, j > start + i - w.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -165,6 +166,76 @@ void attend_rows(const float* qs, const float* ks, const float* vs, int64_t grou
       for (int64_t c = 0; c < d; ++c) os[at(h, i) + c] /= l[(i - i0) * group + h];
 }
 
+// Up to this many query positions (decoding) go through attend_few.
+constexpr int64_t kFewQueries = 8;
+constexpr int64_t kChunk = 1024;  // keys per chunk in attend_few: a row of a chunk is a 4 KB page
+
+// Largest of s[a:b) (and `init`), 16 at a time.
+float max_of(const float* s, int64_t a, int64_t b, float init) {
+  Vec vmax = Vec{} + init;
+  int64_t j = a;
+  for (; j + kLanes <= b; j += kLanes) {
+    const Vec sj = moecli::load16(s + j);
+    vmax = sj > vmax ? sj : vmax;
+  }
+  float m = init;
+  for (int c = 0; c < kLanes; ++c) m = std::max(m, vmax[c]);
+  for (; j < b; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// All t (<= kFewQueries) query positions of every head in kv group `head`, a chunk of keys at a
+// time: the chunk's scores are one product of the queries with the keys' rows and the output
+// takes the probabilities times the values, both through moecli::accumulate (sixteen rows of the
+// cache streamed at once: the blocked path above reads 64 rows a block at a time, too many
+// streams for the prefetcher, and ran decoding attention at about half the memory bandwidth).
+// Between chunks, the same online softmax as attend_block.
+void attend_few(const float* qs, const float* ks, const float* vs, int64_t group, int64_t t, int64_t d, int64_t len,
+                int64_t first, int64_t window, int64_t head, float* os) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const int64_t rows = group * t;  // row h * t + i: head h at position first + i
+  const float *q = qs + head * rows * d, *keys = ks + head * d * len, *values = vs + head * len * d;
+  float* o = os + head * rows * d;
+  std::vector<float> m(rows, -kInf), l(rows, 0.f), s(rows * kChunk);
+  std::fill(o, o + rows * d, 0.f);
+  const int64_t lo = window > 0 ? std::max<int64_t>(0, first - window + 1) : 0, hi = std::min(len, first + t);
+  for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, hi - c0);
+    std::fill(s.begin(), s.begin() + rows * n, 0.f);
+    moecli::accumulate_rows(q, d, rows, keys + c0, len, 0, d, n, s.data());  // s[r, j] = q[r] . key c0 + j
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first + r % t;  // visible keys: [a, b) of this chunk
+      const int64_t a = std::clamp<int64_t>((window > 0 ? pos - window + 1 : 0) - c0, 0, n);
+      const int64_t b = std::clamp<int64_t>(pos + 1 - c0, 0, n);
+      float* sr = s.data() + r * n;
+      if (a >= b) {  // none in this chunk
+        std::fill(sr, sr + n, 0.f);
+        continue;
+      }
+      const float m_new = max_of(sr, a, b, m[r]);
+      int64_t j = a;
+      Vec vsum = {};
+      for (; j + kLanes <= b; j += kLanes) {
+        const Vec prob = moecli::exp16(moecli::load16(sr + j) - m_new);
+        moecli::store16(sr + j, prob);
+        vsum += prob;
+      }
+      float sum = 0.f;
+      for (int c = 0; c < kLanes; ++c) sum += vsum[c];
+      for (; j < b; ++j) sum += (sr[j] = std::exp(sr[j] - m_new));
+      std::fill(sr, sr + a, 0.f);
+      std::fill(sr + b, sr + n, 0.f);
+      const float alpha = std::exp(m[r] - m_new);  // rescales what the earlier chunks added up
+      for (int64_t c = 0; c < d; ++c) o[r * d + c] *= alpha;
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+    }
+    moecli::accumulate_rows(s.data(), n, rows, values + c0 * d, d, 0, n, d, o);  // o[r] += probs[r] @ values
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < d; ++c) o[r * d + c] /= l[r];
+}
+
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start, int64_t window,
                      ffi::Result<ffi::Buffer<ffi::F32>> out) {
@@ -173,6 +244,10 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   const int64_t first = start.typed_data()[0], blocks = (t + kQueries - 1) / kQueries;
   const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
   float* os = out->typed_data();
+  if (t <= kFewQueries) {
+    parallel_for(pool, batch * kv, [&](int64_t head) { attend_few(qs, ks, vs, group, t, d, len, first, window, head, os); });
+    return ffi::Error::Success();
+  }
   parallel_for(pool, batch * kv * blocks, [&](int64_t item) {
     const int64_t head = item / blocks, i0 = (item % blocks) * kQueries, i1 = std::min(t, i0 + kQueries);
     auto rows = d == 64 ? attend_rows<4> : d == 128 ? attend_rows<8> : attend_rows<0>;  // the usual head sizes

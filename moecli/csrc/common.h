@@ -85,25 +85,89 @@ inline Vec16 exp16(Vec16 x) {
   return p * scale;
 }
 
+// Rows of w read at once, one from each of kStreams equal stretches of the rows. The CPU's
+// prefetchers follow a stream within a 4 KB page; reading many pages at once keeps more memory
+// requests in flight. On the 2-core development VM a 2 MB [1024, 512] matrix streamed at ~15 GB/s
+// four consecutive rows at a time, ~19 GB/s sixteen stretches at a time (BENCHMARKS.md).
+inline constexpr int64_t kStreams = 16;
+
+// out[r, :] += x[r, k0:k1] @ w[k0:k1, :n] for the R rows of x (`x_stride` apart) and out (`n` apart);
+// the rows of w are `ldw` apart.
+template <int R, typename W>
+inline void accumulate(const float* __restrict x, int64_t x_stride, const W* __restrict w, int64_t ldw, int64_t k0,
+                int64_t k1, int64_t n, float* __restrict out) {
+  const int64_t span = (k1 - k0) / kStreams, n16 = n / 16 * 16;
+  for (int64_t i = 0; i < span; ++i) {  // row i of every stretch
+    const W* row[kStreams];
+    float xs[R][kStreams];
+    for (int64_t s = 0; s < kStreams; ++s) {
+      const int64_t k = k0 + s * span + i;
+      row[s] = w + k * ldw;
+      for (int r = 0; r < R; ++r) xs[r][s] = x[r * x_stride + k];
+    }
+    for (int64_t j = 0; j < n16; j += 16) {
+      Vec16 acc[R][2];  // two sums per row: one chain of dependent adds runs at half speed
+      for (int r = 0; r < R; ++r) acc[r][0] = load16(out + r * n + j), acc[r][1] = Vec16{};
+      for (int64_t s = 0; s < kStreams; ++s) {
+        const Vec16 v = load16(row[s] + j);
+        for (int r = 0; r < R; ++r) acc[r][s & 1] += xs[r][s] * v;
+      }
+      for (int r = 0; r < R; ++r) store16(out + r * n + j, acc[r][0] + acc[r][1]);
+    }
+    for (int64_t j = n16; j < n; ++j)
+      for (int r = 0; r < R; ++r)
+        for (int64_t s = 0; s < kStreams; ++s) out[r * n + j] += xs[r][s] * to_float(row[s][j]);
+  }
+  for (int64_t k = k0 + kStreams * span; k < k1; ++k)  // the rows left over
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = 0; j < n; ++j) out[r * n + j] += x[r * x_stride + k] * to_float(w[k * ldw + j]);
+}
+
+// accumulate() for any number of rows, up to 4 at a time (each pass over w serves all of them).
+template <typename W>
+inline void accumulate_rows(const float* x, int64_t x_stride, int64_t rows, const W* w, int64_t ldw, int64_t k0, int64_t k1,
+                     int64_t n, float* out) {
+  for (int64_t r = 0; r < rows; r += 4) {
+    const float* xr = x + r * x_stride;
+    float* o = out + r * n;
+    switch (std::min<int64_t>(4, rows - r)) {
+      case 1: accumulate<1>(xr, x_stride, w, ldw, k0, k1, n, o); break;
+      case 2: accumulate<2>(xr, x_stride, w, ldw, k0, k1, n, o); break;
+      case 3: accumulate<3>(xr, x_stride, w, ldw, k0, k1, n, o); break;
+      default: accumulate<4>(xr, x_stride, w, ldw, k0, k1, n, o);
+    }
+  }
+}
+
 // Runs fn(item) for every item in [0, n): the calling thread and up to pool.num_threads() - 1 pool
 // threads (one worker per core: the caller is not a pool thread) take items from a shared counter;
 // returns when all items are done.
+// XLA may run independent custom calls at the same time, each on a pool thread, and then a helper
+// can sit in the queue behind the very calls that wait for it. So the caller never waits for a
+// helper that has not started: once it has run out of items it closes the call, and a helper that
+// starts later returns at once. (Waiting for every helper scheduled deadlocked: two calls, both
+// threads spinning, each on a helper queued behind the other.)
 template <typename Fn>
 void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   struct State {
     std::atomic<int64_t> next{0};
-    std::atomic<int64_t> running{0};
+    std::atomic<int64_t> working{0};  // helpers inside `work`
+    std::atomic<bool> closed{false};
   };
   auto state = std::make_shared<State>();
   auto work = [state, n, &fn] {
     for (int64_t i; (i = state->next.fetch_add(1)) < n;) fn(i);
   };
-  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
-  state->running = helpers;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
   for (int64_t h = 0; h < helpers; ++h)
-    pool.Schedule([state, work] { work(); state->running.fetch_sub(1); });
+    pool.Schedule([state, work] {
+      state->working.fetch_add(1);  // enter, then look: the caller closes, then looks (both seq_cst)
+      if (!state->closed.load()) work();
+      state->working.fetch_sub(1);
+    });
   work();
-  while (state->running.load() > 0) std::this_thread::yield();  // helpers may still hold `fn`
+  state->closed.store(true);
+  while (state->working.load() > 0) std::this_thread::yield();  // a helper inside may still hold `fn`
 }
 
 // The experts kernels' signature (decoding, cpu_kernels.cc; prompts, grouped_gemm.cc): x [t, d]

@@ -24,60 +24,6 @@ using moecli::parallel_for;
 using moecli::to_float;
 namespace ffi = xla::ffi;
 
-// Rows of w read at once, one from each of kStreams equal stretches of the rows. The CPU's
-// prefetchers follow a stream within a 4 KB page; reading many pages at once keeps more memory
-// requests in flight. On the 2-core development VM a 2 MB [1024, 512] matrix streamed at ~15 GB/s
-// four consecutive rows at a time, ~19 GB/s sixteen stretches at a time (BENCHMARKS.md).
-constexpr int64_t kStreams = 16;
-
-// out[r, :] += x[r, k0:k1] @ w[k0:k1, :] for the R rows of x (`x_stride` apart), w row-major [k, n].
-template <int R, typename W>
-void accumulate(const float* __restrict x, int64_t x_stride, const W* __restrict w, int64_t k0, int64_t k1,
-                int64_t n, float* __restrict out) {
-  using moecli::Vec16;
-  const int64_t span = (k1 - k0) / kStreams, n16 = n / 16 * 16;
-  for (int64_t i = 0; i < span; ++i) {  // row i of every stretch
-    const W* row[kStreams];
-    float xs[R][kStreams];
-    for (int64_t s = 0; s < kStreams; ++s) {
-      const int64_t k = k0 + s * span + i;
-      row[s] = w + k * n;
-      for (int r = 0; r < R; ++r) xs[r][s] = x[r * x_stride + k];
-    }
-    for (int64_t j = 0; j < n16; j += 16) {
-      Vec16 acc[R][2];  // two sums per row: one chain of dependent adds runs at half speed
-      for (int r = 0; r < R; ++r) acc[r][0] = moecli::load16(out + r * n + j), acc[r][1] = Vec16{};
-      for (int64_t s = 0; s < kStreams; ++s) {
-        const Vec16 v = moecli::load16(row[s] + j);
-        for (int r = 0; r < R; ++r) acc[r][s & 1] += xs[r][s] * v;
-      }
-      for (int r = 0; r < R; ++r) moecli::store16(out + r * n + j, acc[r][0] + acc[r][1]);
-    }
-    for (int64_t j = n16; j < n; ++j)
-      for (int r = 0; r < R; ++r)
-        for (int64_t s = 0; s < kStreams; ++s) out[r * n + j] += xs[r][s] * to_float(row[s][j]);
-  }
-  for (int64_t k = k0 + kStreams * span; k < k1; ++k)  // the rows left over
-    for (int r = 0; r < R; ++r)
-      for (int64_t j = 0; j < n; ++j) out[r * n + j] += x[r * x_stride + k] * to_float(w[k * n + j]);
-}
-
-// accumulate() for any number of rows, up to 4 at a time (each pass over w serves all of them).
-template <typename W>
-void accumulate_rows(const float* x, int64_t x_stride, int64_t rows, const W* w, int64_t k0, int64_t k1,
-                     int64_t n, float* out) {
-  for (int64_t r = 0; r < rows; r += 4) {
-    const float* xr = x + r * x_stride;
-    float* o = out + r * n;
-    switch (std::min<int64_t>(4, rows - r)) {
-      case 1: accumulate<1>(xr, x_stride, w, k0, k1, n, o); break;
-      case 2: accumulate<2>(xr, x_stride, w, k0, k1, n, o); break;
-      case 3: accumulate<3>(xr, x_stride, w, k0, k1, n, o); break;
-      default: accumulate<4>(xr, x_stride, w, k0, k1, n, o);
-    }
-  }
-}
-
 // A vector-matrix product x[rows, k] @ w[k, n] (x rows `x_stride` apart) whose result goes to `out`.
 template <typename W>
 struct Product {
@@ -95,7 +41,7 @@ void run_products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products
   const int64_t count = products.size(), threads = std::max<int64_t>(1, pool.num_threads());
   if (count == 0) return;
   const int64_t splits = std::min<int64_t>((2 * threads + count - 1) / count, std::max<int64_t>(1, k / 16));
-  const int64_t block = moecli::round_up((k + splits - 1) / splits, kStreams);
+  const int64_t block = moecli::round_up((k + splits - 1) / splits, moecli::kStreams);
   int64_t max_rows = 0;
   for (auto& p : products) max_rows = std::max(max_rows, p.rows);
   std::vector<float> partial(count * splits * max_rows * n, 0.f);  // [product, split, row, n]
@@ -104,7 +50,7 @@ void run_products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products
     const int64_t k0 = (item % splits) * block, k1 = std::min(k, k0 + block);
     if (k0 >= k1) return;  // rounding the blocks up left this one empty
     float* part = partial.data() + item * max_rows * n;
-    accumulate_rows(p.x, p.x_stride, p.rows, p.w, k0, k1, n, part);
+    moecli::accumulate_rows(p.x, p.x_stride, p.rows, p.w, n, k0, k1, n, part);
   });
   for (int64_t c = 0; c < count; ++c) {
     const Product<W>& p = products[c];

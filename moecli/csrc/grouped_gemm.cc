@@ -124,21 +124,22 @@ ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return GroupedExpertsImpl<uint16_t, Fp32Engine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
 }
 
-// y[m, N] = x[m, K] @ w[K, N] for a prompt's rows, bfloat16 weights on AMX (XLA:CPU's bfloat16
-// dots run at float32 speed or below). Work items: (row block, column block), with as few row
-// blocks as keep every thread busy (each packs its column block of w again).
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                  ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  using E = AmxEngine;
-  if (!moecli::amx_ready()) return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "moecli_matmul needs AMX");
+// y[m, N] = x[m, K] @ w[K, N] for a prompt's rows. XLA:CPU's own dots reach ~100 GFLOP/s in
+// float32 on the 2-core development VM, and run bfloat16 at float32 speed or below; this engine
+// ~140 in float32 and, with bfloat16 weights on AMX, ~2x that (BENCHMARKS.md). Work items: (row
+// block, column block), with as few row blocks as keep every thread busy (each packs its column
+// block of w again).
+template <typename W, typename E>
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                      ffi::Result<ffi::Buffer<ffi::F32>> y) {
   const int64_t m = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   const int64_t slivers = (m + E::kRows - 1) / E::kRows, kk = E::row_size(K), np = round_up(N, 32);
   const int64_t col_blocks = (N + kNC - 1) / kNC;
   const int64_t row_blocks = std::min(slivers, (2 * pool.num_threads() + col_blocks - 1) / col_blocks);
   const int64_t per_block = (slivers + row_blocks - 1) / row_blocks;
-  const int64_t a_floats = slivers * E::kRows * kk / 2;
+  const int64_t a_floats = sizeof(typename E::A) * slivers * E::kRows * kk / sizeof(float);
   Workspace work(round_up(a_floats, 16) + slivers * E::kRows * np);
-  auto* a = reinterpret_cast<E::A*>(work.take(a_floats));
+  auto* a = reinterpret_cast<typename E::A*>(work.take(a_floats));
   float* c = work.take(slivers * E::kRows * np);
   const float* xs = x.typed_data();
   parallel_for(pool, slivers, [&](int64_t s) {
@@ -146,7 +147,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     for (int i = 0; i < E::kRows; ++i) rows[i] = s * E::kRows + i < m ? xs + (s * E::kRows + i) * K : nullptr;
     E::pack(rows, K, a + s * E::kRows * kk);
   });
-  const auto* ws = reinterpret_cast<const uint16_t*>(w.typed_data());
+  const W* ws = static_cast<const W*>(w.untyped_data());
   parallel_for(pool, row_blocks * col_blocks, [&](int64_t item) {
     const int64_t s0 = (item / col_blocks) * per_block, n0 = (item % col_blocks) * kNC;
     if (s0 >= slivers) return;
@@ -156,13 +157,19 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  if (w.element_type() != ffi::BF16) return MatmulImpl<float, Fp32Engine>(pool, x, w, y);
+  if (moecli::amx_ready()) return MatmulImpl<uint16_t, AmxEngine>(pool, x, w, y);
+  return MatmulImpl<uint16_t, Fp32Engine>(pool, x, w, y);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts,
