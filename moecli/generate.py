@@ -62,7 +62,8 @@ class Decoder:
         def decode(params, token, cache, seen, expert_mask, settings, key):
             logits, cache, routing = model.apply(params, token[:, None], cache, expert_mask)
             seen = update_seen(seen, token[:, None])
-            return sample(logits[:, -1], key, settings, seen), cache, seen, routing_of(routing)
+            key, sub = jax.random.split(key)  # here, not in the loop: one dispatch a token, not two
+            return sample(logits[:, -1], sub, settings, seen), cache, seen, routing_of(routing), key
 
         self._jitted = {"prefill": jax.jit(prefill, donate_argnums=(3, 4)),
                         "decode": jax.jit(decode, donate_argnums=(2, 3)), "sample": jax.jit(sample)}
@@ -151,9 +152,8 @@ class Decoder:
             if shown:  # tracing and compiling the decode step takes ~0.5 s: show the token first
                 yield int(token[0])
             if not full:
-                key, sub = jax.random.split(key)
-                next_token, self.cache, self.seen, routing = self._run(
-                    "decode", 1, self.model.params, token, self.cache, self.seen, self.expert_mask, settings, sub)
+                next_token, self.cache, self.seen, routing, key = self._run(
+                    "decode", 1, self.model.params, token, self.cache, self.seen, self.expert_mask, settings, key)
                 self.pos += 1
             tid = int(token[0])
             if not full:

@@ -148,6 +148,15 @@ def process_logits(logits: jax.Array, settings: dict[str, jax.Array], seen: jax.
     return logits
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, -1) (the first maximum; a NaN counts as the maximum) as int32, computed as a
+    max and a min over the positions that hold it: two plain reductions, which XLA:CPU vectorises,
+    where its argmax (one reduction over value-index pairs) took ~0.7 ms over a 49k vocabulary."""
+    top = jnp.max(x, axis=-1, keepdims=True)  # NaN if any is NaN
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, settings: dict[str, jax.Array], seen: jax.Array) -> jax.Array:
     """Pick the next token of each row: int32 [batch] from float32 logits [batch, vocab].
 
@@ -157,8 +166,7 @@ def sample(logits: jax.Array, key: jax.Array, settings: dict[str, jax.Array], se
     """
 
     def greedy(logits):
-        penalised = apply_repetition_penalty(logits, seen, settings["repetition_penalty"])
-        return jnp.argmax(penalised, axis=-1).astype(jnp.int32)
+        return first_argmax(apply_repetition_penalty(logits, seen, settings["repetition_penalty"]))
 
     def draw(logits):
         filtered = process_logits(logits, settings, seen)

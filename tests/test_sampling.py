@@ -144,6 +144,15 @@ def test_greedy_is_argmax_after_repetition_penalty():
                                   penalised.argmax(-1))
 
 
+def test_first_argmax_is_numpys_argmax_ties_nans_and_infinities_included():
+    rows = np.array([[1.0, 3.0, 3.0, 2.0],                     # a tie: the first wins
+                     [np.nan, 1.0, np.nan, 5.0],               # NaN counts as the maximum
+                     [-np.inf, -np.inf, -np.inf, -np.inf],
+                     [np.inf, 0.0, np.inf, 1.0]], np.float32)
+    rows = np.concatenate([rows, random_logits(3).astype(np.float32)[:, :4]])
+    np.testing.assert_array_equal(jax.jit(S.first_argmax)(jnp.asarray(rows)), rows.argmax(-1))
+
+
 def test_repetition_penalty_steers_greedy_away_from_seen_token():
     logits = jnp.array([[2.0, 1.9, 0.0]])
     seen = S.update_seen(jnp.zeros((1, 3), bool), jnp.array([0]))
