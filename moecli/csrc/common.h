@@ -108,6 +108,7 @@ inline void accumulate(const float* __restrict x, int64_t x_stride, const W* __r
     for (int64_t j = 0; j < n16; j += 16) {
       Vec16 acc[R][2];  // two sums per row: one chain of dependent adds runs at half speed
       for (int r = 0; r < R; ++r) acc[r][0] = load16(out + r * n + j), acc[r][1] = Vec16{};
+#pragma GCC unroll 16  // unrolled, acc[r][s & 1] is a register; GCC left it on the stack where inlined
       for (int64_t s = 0; s < kStreams; ++s) {
         const Vec16 v = load16(row[s] + j);
         for (int r = 0; r < R; ++r) acc[r][s & 1] += xs[r][s] * v;
