@@ -237,6 +237,31 @@ def ratios(ours: dict, theirs: dict) -> dict:
             "prefill": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
 
 
+def run_order(engines: tuple[str, ...], repeat: int) -> list[str]:
+    """The engines' runs, in pairs that alternate who goes first (A B, B A, A B, ...): on a shared
+    machine whose speed drifts, neither engine always gets the first or the second slot."""
+    order = []
+    for i in range(repeat):
+        order += engines if i % 2 == 0 else engines[::-1]
+    return order
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Each engine's median run (metric by metric), and the ratios. With transformers, the ratio is
+    the median of each pair's ratio: a pair ran back to back, so it saw the same machine."""
+    results = {}
+    for engine, rs in runs.items():
+        results[engine] = {key: (float(np.median([r[key] for r in rs])) if isinstance(value, (int, float))
+                                 and not isinstance(value, bool) else value)
+                           for key, value in rs[0].items()}
+    if "transformers" in runs:
+        pairs = [ratios(ours, theirs) for ours, theirs in zip(runs["moecli"], runs["transformers"])]
+        results["ratio"] = {kind: float(np.median([p[kind] for p in pairs])) for kind in ("decode", "prefill")}
+        results["ratio_runs"] = {kind: [p[kind] for p in pairs] for kind in ("decode", "prefill")}
+    results["runs"] = runs
+    return results
+
+
 if __name__ == "__main__":  # the worker: python -m moecli.bench ENGINE FOLDER DTYPE PROMPT_LEN NEW_TOKENS
     engine, folder, dtype, prompt_len, new_tokens = sys.argv[1:6]
     runner = run_moecli if engine == "moecli" else run_transformers

@@ -56,3 +56,34 @@ def test_bench_compare_hf_writes_json(tiny_shape, tmp_path):
 def test_bench_rejects_unknown_model():
     result = CliRunner().invoke(app, ["bench", "no-such-shape"])
     assert result.exit_code == 2 and "neither a checkpoint folder nor a known shape" in result.stderr
+
+
+def test_bench_repeat_alternates_engines_and_reports_medians(tiny_shape, tmp_path, monkeypatch):
+    """--repeat N: the engines take turns going first, each metric is the median of its runs and the
+    ratio the median of the back-to-back pairs' ratios (not a ratio of medians)."""
+    decode = {"moecli": iter([10.0, 30.0, 12.0]), "transformers": iter([5.0, 10.0, 8.0])}
+    calls = []
+
+    def fake_run(engine, folder, dtype, prompt_len, new_tokens, timeout):
+        calls.append(engine)
+        result = {key: 1.0 for key in bench.METRICS}
+        result.update(decode_tok_s=next(decode[engine]), prefill_tok_s=2.0, device="cpu", version="v")
+        return result
+
+    monkeypatch.setattr(bench, "write_synthetic", lambda shape, dtype: tmp_path)
+    monkeypatch.setattr(bench, "run_engine", fake_run)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", tiny_shape, "--compare-hf", "--repeat", "3", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert calls == ["moecli", "transformers", "transformers", "moecli", "moecli", "transformers"]
+    data = json.loads(out.read_text())
+    assert data["moecli"]["decode_tok_s"] == 12.0 and data["transformers"]["decode_tok_s"] == 8.0
+    assert data["ratio_runs"]["decode"] == [2.0, 3.0, 1.5]
+    assert data["ratio"]["decode"] == 2.0 and data["ratio"]["prefill"] == 1.0
+    assert len(data["runs"]["moecli"]) == 3 and data["setup"]["repeat"] == 3
+    assert "2.00x (1.50-3.00)" in result.stdout and "median of 3 runs" in result.stdout
+
+
+def test_bench_rejects_zero_repeats(tiny_shape):
+    result = CliRunner().invoke(app, ["bench", tiny_shape, "--repeat", "0"])
+    assert result.exit_code == 2 and "--repeat must be positive" in result.stderr

@@ -23,14 +23,16 @@ def bench(
     new_tokens: int = typer.Option(128, "--new-tokens", help="Tokens decoded at batch 1."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results to this JSON file."),
     timeout: int = typer.Option(3600, "--timeout", help="Seconds each engine may take."),
+    repeat: int = typer.Option(1, "--repeat", help="Runs per engine, alternating the engines; reports "
+                                                   "medians (a noisy machine wants 3 or more)."),
 ) -> None:
     """Measure load, compile, time to first token, prefill and decode speed, and peak memory."""
     from moecli import bench as b
 
     if dtype not in ("float32", "bfloat16"):
         raise UsageError(f"--dtype must be float32 or bfloat16, got {dtype!r}", "pick one of the two")
-    if prompt_len <= 0 or new_tokens < 2:
-        raise UsageError("--prompt-len must be positive and --new-tokens at least 2", "e.g. 512 and 128")
+    if prompt_len <= 0 or new_tokens < 2 or repeat < 1:
+        raise UsageError("--prompt-len and --repeat must be positive, --new-tokens at least 2", "e.g. 512, 1 and 128")
     console = Console()
     if model in b.SHAPES:
         with console.status(f"writing random {model} weights ({dtype}) once ..."):
@@ -41,13 +43,13 @@ def bench(
     else:
         raise UsageError(f"{model!r} is neither a checkpoint folder nor a known shape",
                          f"shapes: {', '.join(b.SHAPES)}")
-    results = {}
-    for engine in ("moecli", "transformers") if compare_hf else ("moecli",):
-        with console.status(f"running {engine} ..."):
-            results[engine] = b.run_engine(engine, folder, dtype, prompt_len, new_tokens, timeout)
-    if compare_hf:
-        results["ratio"] = b.ratios(results["moecli"], results["transformers"])
-    results["setup"] = dict(model=source, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens)
+    engines = ("moecli", "transformers") if compare_hf else ("moecli",)
+    runs = {engine: [] for engine in engines}
+    for i, engine in enumerate(b.run_order(engines, repeat)):
+        with console.status(f"running {engine} ({i // len(engines) + 1} of {repeat}) ..."):
+            runs[engine].append(b.run_engine(engine, folder, dtype, prompt_len, new_tokens, timeout))
+    results = b.summarize(runs)
+    results["setup"] = dict(model=source, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat)
     console.print(results_table(results))
     if json_file:
         json_file.write_text(json.dumps(results, indent=2))
@@ -57,8 +59,9 @@ def results_table(results: dict) -> Table:
     from moecli.bench import EXTRA, FLOOR, METRICS
 
     engines = [e for e in ("moecli", "transformers") if e in results]
-    table = Table(title=f"{results['setup']['model']} · {results['setup']['dtype']} · "
-                        f"prompt {results['setup']['prompt_len']} · decode {results['setup']['new_tokens']}")
+    setup, repeat = results["setup"], results["setup"].get("repeat", 1)
+    table = Table(title=f"{setup['model']} · {setup['dtype']} · prompt {setup['prompt_len']} · "
+                        f"decode {setup['new_tokens']}" + (f" · median of {repeat} runs" if repeat > 1 else ""))
     table.add_column("metric")
     for engine in engines:
         table.add_column(engine, justify="right")
@@ -68,7 +71,7 @@ def results_table(results: dict) -> Table:
         row = [metric] + [fmt(results[e].get(metric)) for e in engines]
         if "ratio" in results:
             kind = {"decode_tok_s": "decode", "prefill_tok_s": "prefill"}.get(metric)
-            row.append(f"{results['ratio'][kind]:.2f}x" if kind else "")
+            row.append(ratio_cell(results, kind) if kind else "")
         table.add_row(*row)
     for metric in FLOOR:
         if metric in results["moecli"]:
@@ -76,6 +79,12 @@ def results_table(results: dict) -> Table:
     table.add_row("device / versions", *[f"{results[e]['device']}, {results[e]['version']}" for e in engines],
                   *([""] if "ratio" in results else []))
     return table
+
+
+def ratio_cell(results: dict, kind: str) -> str:
+    """"1.95x", and with several pairs of runs their range: "1.95x (1.80-2.10)"."""
+    cell, each = f"{results['ratio'][kind]:.2f}x", results.get("ratio_runs", {}).get(kind, [])
+    return cell + (f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else "")
 
 
 def fmt(value) -> str:
