@@ -85,10 +85,11 @@ def test_bfloat16_prompt_without_amx_uses_the_float32_engine():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("rows,k,n", [(1, 7, 5), (1, 1024, 3000), (3, 64, 48), (8, 1037, 70), (5, 33, 17)])
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 5), (1, 1024, 3000), (3, 64, 48), (8, 1037, 70), (5, 33, 17), (2, 300, 96)])
 def test_matvec_equals_matmul(rows, k, n, dtype):
     """Rows in groups of up to four, rows of w sixteen stretches at a time, and every leftover:
-    rows past the stretches, columns past a multiple of 16, a block split left empty."""
+    rows past the stretches, columns past a multiple of 16 (float32) or 32 (bfloat16, a 64-byte
+    line at a time), a block split left empty."""
     x = jax.random.normal(jax.random.PRNGKey(0), (rows, k))
     w = jax.random.normal(jax.random.PRNGKey(1), (k, n)).astype(dtype)
     got = jax.jit(cpu_kernels.matvec)(x, w)

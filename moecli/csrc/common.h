@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -42,6 +43,13 @@ void* thread_buffer(int64_t bytes) {
 // 16 floats: one AVX-512 register (two AVX2 ones; GCC's vector extensions split it).
 typedef float Vec16 __attribute__((vector_size(64)));
 typedef int32_t Vec16i __attribute__((vector_size(64)));
+typedef uint32_t Bits16 __attribute__((vector_size(64)));
+
+inline Vec16 as_floats(Bits16 bits) {
+  Vec16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
 
 inline Vec16 load16(const float* p) {  // unaligned
   Vec16 v;
@@ -51,16 +59,16 @@ inline Vec16 load16(const float* p) {  // unaligned
 
 inline Vec16 load16(const uint16_t* p) {  // 16 bfloat16 values, widened
   typedef uint16_t Half16 __attribute__((vector_size(32)));
-  typedef uint32_t Bits16 __attribute__((vector_size(64)));
   Half16 h;
   std::memcpy(&h, p, sizeof h);
-  const Bits16 bits = __builtin_convertvector(h, Bits16) << 16;
-  Vec16 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
+  return as_floats(__builtin_convertvector(h, Bits16) << 16);
 }
 
 inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
+
+// Lanes of (a, b) that interleave them: a0 b0 a1 b1 ... (low half), a8 b8 ... (high half).
+inline constexpr Vec16i kInterleaveLow = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+inline constexpr Vec16i kInterleaveHigh = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 // e^x to ~1e-7 relative error, 16 at a time (libm's expf is one call per value): 2^n * e^r with
 // n = round(x / ln 2), r = x - n ln 2, |r| <= ln2 / 2, and a degree-6 Taylor polynomial for e^r.
@@ -93,10 +101,18 @@ inline constexpr int64_t kStreams = 16;
 
 // out[r, :] += x[r, k0:k1] @ w[k0:k1, :n] for the R rows of x (`x_stride` apart) and out (`n` apart);
 // the rows of w are `ldw` apart.
+//
+// bfloat16 weights go a 64-byte line (32 weights) at a time: a bfloat16 is the top half of a
+// float32, so the line's 16 even-indexed weights are its 32-bit lanes shifted left by 16 and the
+// 16 odd ones the lanes with the low half cleared. Two plain ALU operations per line, where
+// widening 16 values at a time took shuffles that bound the loop to ~70% of the memory's speed;
+// the even and odd sums are interleaved back once per line, after all the streams. A software
+// prefetch eight lines ahead in each stream helps here (+7-11% measured), unlike in float32.
 template <int R, typename W>
 inline void accumulate(const float* __restrict x, int64_t x_stride, const W* __restrict w, int64_t ldw, int64_t k0,
                 int64_t k1, int64_t n, float* __restrict out) {
-  const int64_t span = (k1 - k0) / kStreams, n16 = n / 16 * 16;
+  constexpr bool kBf16 = std::is_same_v<W, uint16_t>;
+  const int64_t span = (k1 - k0) / kStreams, n_vec = kBf16 ? n / 32 * 32 : n / 16 * 16;
   for (int64_t i = 0; i < span; ++i) {  // row i of every stretch
     const W* row[kStreams];
     float xs[R][kStreams];
@@ -105,17 +121,36 @@ inline void accumulate(const float* __restrict x, int64_t x_stride, const W* __r
       row[s] = w + k * ldw;
       for (int r = 0; r < R; ++r) xs[r][s] = x[r * x_stride + k];
     }
-    for (int64_t j = 0; j < n16; j += 16) {
-      Vec16 acc[R][2];  // two sums per row: one chain of dependent adds runs at half speed
-      for (int r = 0; r < R; ++r) acc[r][0] = load16(out + r * n + j), acc[r][1] = Vec16{};
-#pragma GCC unroll 16  // unrolled, acc[r][s & 1] is a register; GCC left it on the stack where inlined
-      for (int64_t s = 0; s < kStreams; ++s) {
-        const Vec16 v = load16(row[s] + j);
-        for (int r = 0; r < R; ++r) acc[r][s & 1] += xs[r][s] * v;
+    if constexpr (kBf16) {
+      for (int64_t j = 0; j < n_vec; j += 32) {
+        Vec16 even[R][2] = {}, odd[R][2] = {};  // two sums each: one chain of dependent adds runs at half speed
+#pragma GCC unroll 16
+        for (int64_t s = 0; s < kStreams; ++s) {
+          __builtin_prefetch(row[s] + j + 256);
+          Bits16 line;
+          std::memcpy(&line, row[s] + j, sizeof line);
+          const Vec16 e = as_floats(line << 16), o = as_floats(line & 0xFFFF0000u);
+          for (int r = 0; r < R; ++r) even[r][s & 1] += xs[r][s] * e, odd[r][s & 1] += xs[r][s] * o;
+        }
+        for (int r = 0; r < R; ++r) {
+          const Vec16 e = even[r][0] + even[r][1], o = odd[r][0] + odd[r][1];
+          store16(out + r * n + j, load16(out + r * n + j) + __builtin_shuffle(e, o, kInterleaveLow));
+          store16(out + r * n + j + 16, load16(out + r * n + j + 16) + __builtin_shuffle(e, o, kInterleaveHigh));
+        }
       }
-      for (int r = 0; r < R; ++r) store16(out + r * n + j, acc[r][0] + acc[r][1]);
+    } else {
+      for (int64_t j = 0; j < n_vec; j += 16) {
+        Vec16 acc[R][2];  // two sums per row: one chain of dependent adds runs at half speed
+        for (int r = 0; r < R; ++r) acc[r][0] = load16(out + r * n + j), acc[r][1] = Vec16{};
+#pragma GCC unroll 16  // unrolled, acc[r][s & 1] is a register; GCC left it on the stack where inlined
+        for (int64_t s = 0; s < kStreams; ++s) {
+          const Vec16 v = load16(row[s] + j);
+          for (int r = 0; r < R; ++r) acc[r][s & 1] += xs[r][s] * v;
+        }
+        for (int r = 0; r < R; ++r) store16(out + r * n + j, acc[r][0] + acc[r][1]);
+      }
     }
-    for (int64_t j = n16; j < n; ++j)
+    for (int64_t j = n_vec; j < n; ++j)
       for (int r = 0; r < R; ++r)
         for (int64_t s = 0; s < kStreams; ++s) out[r * n + j] += xs[r][s] * to_float(row[s][j]);
   }
