@@ -6,7 +6,8 @@
 //     in the L1 cache while every A sliver goes past it; bfloat16 weights are widened here;
 //   - the micro-kernel keeps a kMR x kNR tile of C in vector registers (24 of the 32 on AVX-512)
 //     and does one broadcast and two fused multiply-adds per row and step of k.
-// Measured ~93% of one core's float32 peak with the weights in L2, ~75% streaming them from memory.
+// Measured ~80% of one core's float32 FMA peak with its data in cache (100-108 of 125-131 GFLOP/s),
+// and ~9% slower with the weights packed from memory (BENCHMARKS.md).
 #pragma once
 
 #include <cstdint>
