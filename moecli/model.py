@@ -49,7 +49,10 @@ class DecoderLayer(hk.Module):
         super().__init__(name=f"layer_{index}")
         self.c, self.index, self.mesh = config, index, mesh
 
-    def __call__(self, x, positions, cache, cache_pos, disabled=None):
+    def __call__(self, x, positions, cache, cache_pos, disabled=None, keep=None):
+        """With `keep` (an int32 position), returns only that position's output [batch, 1, d]:
+        every token's keys and values still enter the cache (and every token is routed), but the
+        feed-forward block runs for the kept token alone (see `Transformer`)."""
         c = self.c
         with jax.named_scope("attention"):
             h = RMSNorm(c.d_model, c.norm_eps, name="input_norm")(x)
@@ -59,10 +62,14 @@ class DecoderLayer(hk.Module):
         routing = None
         if c.moe_layers[self.index]:
             with jax.named_scope("moe"):
-                h, routing = MoEBlock(c, self.mesh)(h, disabled)
+                h, routing = MoEBlock(c, self.mesh)(h, disabled, keep)  # routes every token
         else:
+            if keep is not None:
+                h = jax.lax.dynamic_slice_in_dim(h, keep, 1, axis=1)
             with jax.named_scope("mlp"):
                 h = MLP(c.d_model, c.d_ff, name="mlp")(h)
+        if keep is not None:
+            x = jax.lax.dynamic_slice_in_dim(x, keep, 1, axis=1)           # [batch, 1, d_model]
         return x + h, cache, routing
 
 
@@ -72,7 +79,11 @@ class Transformer(hk.Module):
     the tokens sit at positions cache.pos.. and their keys/values are written into the cache.
     `expert_mask` (bool [n_moe_layers, n_experts], True = switched off) ablates experts.
     `logits_at` (an int32 scalar) computes logits for that one position only: a prefill needs just
-    the last prompt token's, and the LM head over every position can cost as much as the layers."""
+    the last prompt token's, and the LM head over every position can cost as much as the layers.
+    The last layer then also runs its feed-forward block for that position alone (as llama.cpp
+    does): the other tokens need only their keys and values, which attention has already written.
+    That is 1/n_layers of a prompt's expert work, exactly the same logits. Not with capacity
+    routing, where whether a token's assignment fits depends on every token's."""
 
     def __init__(self, config: ModelConfig, mesh=None):
         super().__init__(name="transformer")
@@ -86,14 +97,16 @@ class Transformer(hk.Module):
         start = jnp.zeros((), jnp.int32) if cache is None else cache.pos
         positions = start + jnp.arange(ids.shape[1], dtype=jnp.int32)   # [seq]
         new_layers, routings = [], []
+        trim = logits_at is not None and c.capacity_factor == 0
         for i in range(c.n_layers):
             layer_cache = None if cache is None else cache.layers[i]
             disabled = None if expert_mask is None else expert_mask[len(routings)]
-            x, layer_cache, routing = DecoderLayer(c, i, self.mesh)(x, positions, layer_cache, start, disabled)
+            keep = logits_at if trim and i == c.n_layers - 1 else None
+            x, layer_cache, routing = DecoderLayer(c, i, self.mesh)(x, positions, layer_cache, start, disabled, keep)
             new_layers.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
-        if logits_at is not None:
+        if logits_at is not None and not trim:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)    # [batch, 1, d_model]
         x = RMSNorm(c.d_model, c.norm_eps, name="final_norm")(x)
         if c.tie_embeddings:

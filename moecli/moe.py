@@ -189,7 +189,11 @@ class MoEBlock(hk.Module):
         super().__init__(name=name)
         self.c, self.mesh = config, mesh  # mesh: experts split over devices (moecli.sharding)
 
-    def __call__(self, x: jax.Array, disabled: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+    def __call__(self, x: jax.Array, disabled: jax.Array | None = None,
+                 keep: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+        """x [batch, seq, d] -> (y, Routing of every token). With `keep` (an int32 position; dropless
+        routing only), y [batch, 1, d] is that one position's output: every token is routed (the
+        routing views see them all), only the kept one runs its experts."""
         c = self.c
         batch, seq, d = x.shape
         router_w = hk.get_parameter("router", [d, c.n_experts], init=hk.initializers.TruncatedNormal(0.02))
@@ -199,7 +203,13 @@ class MoEBlock(hk.Module):
         w_down = hk.get_parameter("w_down", [c.n_experts, c.d_expert, d], init=init)  # [e, f, d]
 
         routing = route(x, router_w, c.top_k, c.norm_topk_prob, disabled)
-        flat = Routing(*(t.reshape(batch * seq, -1) for t in routing))
+        used = routing
+        if keep is not None:
+            assert c.capacity_factor == 0, "capacity couples the tokens: every one must run"
+            x = jax.lax.dynamic_slice_in_dim(x, keep, 1, axis=1)
+            used = Routing(*(jax.lax.dynamic_slice_in_dim(t, keep, 1, axis=1) for t in routing))
+            batch, seq, d = x.shape
+        flat = Routing(*(t.reshape(batch * seq, -1) for t in used))
         xs = x.reshape(batch * seq, d)
         if c.capacity_factor > 0:
             y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts)

@@ -121,3 +121,31 @@ def test_fast_dropless_paths_equal_dense_reference(tokens):
     for got in (experts_scanned(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local, True),
                 experts_blocked(x, w_gate[:n_local], w_up[:n_local], w_down[:n_local], elsewhere, n_local, True)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want_local), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("capacity_factor,last_layer_moe", [(0.0, True), (0.0, False), (1.0, True)])
+def test_prefill_runs_the_last_feed_forward_for_the_logits_position_only(monkeypatch, capacity_factor, last_layer_moe):
+    """With logits_at, the last layer's feed-forward block runs for that one position (dropless
+    routing; with capacity every token must run): the same logits and cache as the full forward,
+    and every token still routed."""
+    from moecli import moe
+    from moecli.model import init_cache, transformed
+
+    c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
+                    n_experts=4, top_k=2, d_expert=24, d_ff=40, capacity_factor=capacity_factor,
+                    moe_layers=(True, True, last_layer_moe))
+    model = transformed(c)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 16)), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), ids)
+    full_logits, full_cache, full_routing = model.apply(params, ids, init_cache(c, 1, 32))
+    tokens_per_call = []
+    pick = moe.pick_experts
+    monkeypatch.setattr(moe, "pick_experts", lambda n, *a: tokens_per_call.append(n) or pick(n, *a))
+    for at in (15, 9):
+        logits, cache, routing = model.apply(params, ids, init_cache(c, 1, 32), None, jnp.int32(at))
+        np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full_logits[:, at]), rtol=1e-5, atol=1e-5)
+        for ours, theirs in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(full_cache)):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(routing.experts), np.asarray(full_routing.experts))
+    if capacity_factor == 0:  # the dropless MoE layers' sizes: all 16 tokens, but 1 in the last layer
+        assert tokens_per_call == ([16, 16, 1] if last_layer_moe else [16, 16]) * 2
