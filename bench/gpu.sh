@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark, prepared as one script for a lent H100/H200 (the device tool): moecli and
 # transformers side by side in bf16 on the same random-weight checkpoints, the measured HBM
-# bandwidth (decode floor) in the same run, and the sharded path on one GPU.
+# bandwidth (decode floor) in the same run, the Pallas decoding kernel against the pure-JAX scan,
+# and the sharded path on one GPU.
 #
 #   Here, once:   echo /.whl/ >> .git/info/exclude
 #                 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -26,6 +27,9 @@ python3 -c "import torch; exit(0 if torch.cuda.get_device_properties(0).total_me
 for shape in olmoe-1b-7b "$big"; do
   timeout 240 python3 -m moecli bench "$shape" --compare-hf --dtype bfloat16 --json "$OUT/$shape.json" 2>&1 | tail -25
 done
+# The Pallas decoding kernel (moecli/gpu_kernels.py) against the pure-JAX scan it replaces.
+MOECLI_GPU_KERNELS=0 timeout 150 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \
+  --json "$OUT/olmoe-1b-7b-scan.json" 2>&1 | tail -25
 # The sharded code path on one GPU (a mesh of one device still goes through shard_map when --devices
 # is given on a multi-GPU machine; on one GPU this checks placement and the single-device path).
 python3 -m moecli info "$MOECLI_CACHE/bench/olmoe-1b-7b-bfloat16" --devices 1 || true

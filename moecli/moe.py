@@ -115,15 +115,33 @@ def experts_cpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int
     return kernel(x, routing.experts, routing.weights, w_gate, w_up, w_down)
 
 
+def experts_gpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
+    """Dropless decoding on GPU as a Pallas kernel (`moecli.gpu_kernels`): each assignment's expert
+    matrices streamed once, in place, split over hundreds of programs. Experts whose sides the
+    kernel's power-of-two blocks cannot tile fall back to `experts_scanned`."""
+    from moecli import cpu_kernels, gpu_kernels
+
+    if not gpu_kernels.applies(*w_gate.shape[1:]):
+        return experts_scanned(x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
+
+    def reference(x, experts, weights, w_gate, w_up, w_down):
+        return experts_scanned(x, w_gate, w_up, w_down, Routing(experts, weights, None), n_experts, True)
+
+    kernel = cpu_kernels.with_reference_gradient(gpu_kernels.experts, reference)
+    return kernel(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+
+
 def pick_experts(tokens: int, top_k: int, n_experts: int):
     """The dropless implementation for `tokens` tokens: the hand-written kernels on CPU (when they
-    could be built); elsewhere a scan over the assignments when there are fewer assignments than
-    experts (decoding), else block-sparse."""
-    from moecli import cpu_kernels
+    could be built); elsewhere, when there are fewer assignments than experts (decoding), the
+    Pallas kernel on GPU or a scan over the assignments, and block-sparse for more (prompts)."""
+    from moecli import cpu_kernels, gpu_kernels
 
     if cpu_kernels.on():
         return experts_cpu_kernel
-    return experts_scanned if tokens * top_k < n_experts else experts_blocked
+    if tokens * top_k < n_experts:
+        return experts_gpu_kernel if gpu_kernels.on() else experts_scanned
+    return experts_blocked
 
 
 def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):

@@ -119,4 +119,8 @@ def print_stats(stats) -> None:
         from moecli import cpu_kernels
 
         lines.append(cpu_kernels.status())
+    elif jax.default_backend() == "gpu":
+        from moecli import gpu_kernels
+
+        lines.append(gpu_kernels.status())
     print("\n".join(lines), file=sys.stderr)

@@ -1,0 +1,120 @@
+"""A Pallas kernel for batch-1 MoE decoding on GPUs: each chosen expert's weights read once, in place.
+
+Decoding one token multiplies a vector by k experts' [d, f] matrices picked at run time, so its
+floor is HBM bandwidth. The pure-JAX path (`moe.experts_scanned`) indexes the expert stack with a
+traced id, and XLA may copy that slice before its dot: an extra pass over the weights. Gathering
+the k experts into a new array and one batched einsum reads them twice too, and
+`jax.lax.ragged_dot` has no fast path for this on GPU (issue 6 measured it slower than gathering).
+
+Here one kernel computes, for every assignment a (a token's pick of expert ids[a]):
+
+    out[s, a, cols] = x[a, rows_s] @ W[ids[a], rows_s, cols]
+
+on a grid of (split s, assignment a, column block): each program streams its own [rows_s, cols]
+tile of its expert's matrix straight from HBM, in row chunks, accumulating in float32. Splitting
+the rows ("split-K", as in GEMV kernels) keeps hundreds of programs in flight even for one token
+with a 2,048-row matrix; the splits' partial sums (a few KB) are added by XLA. The SwiGLU expert
+is three such products: gate and up, then silu(gate) * up through the down matrix.
+
+Written with Pallas's Triton lowering (`pallas.triton.CompilerParams`), which compiled and ran on
+the H200 of issue 6. Block shapes are powers of two (Triton's rule), so the kernel applies where
+the matrices' sides are multiples of 16; elsewhere, and with MOECLI_GPU_KERNELS=0, moecli uses
+`experts_scanned`. The tests run it in Pallas's interpreter on CPU against the pure-JAX experts,
+and lower it for CUDA; its speed is measured by `bench/gpu.sh` on a lent GPU (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+DECODE_ASSIGNMENTS = 64  # up to this many (token, expert) assignments: the kernel (decoding)
+TARGET_PROGRAMS = 1024   # enough programs to keep every SM of an H100/H200 streaming
+ROW_CHUNK = 32           # rows of W per load: a [32, 128] bf16 tile is 8 KB in flight per program
+
+
+def on() -> bool:
+    """Whether decoding on this backend uses the kernel (decided at trace time)."""
+    return jax.default_backend() == "gpu" and os.environ.get("MOECLI_GPU_KERNELS", "1") != "0"
+
+
+def status() -> str:
+    """One line for --verbose."""
+    if jax.default_backend() != "gpu":
+        return "GPU decoding kernel: off (no GPU)"
+    return "GPU decoding kernel: " + ("on" if on() else "off (MOECLI_GPU_KERNELS=0)")
+
+
+def applies(d: int, f: int) -> bool:
+    """Whether the kernel handles experts of these sides (power-of-two blocks must tile them)."""
+    return d % 16 == 0 and f % 16 == 0
+
+
+def _block(n: int, largest: int) -> int:
+    """The largest power of two <= `largest` that divides n."""
+    b = largest
+    while n % b:
+        b //= 2
+    return b
+
+
+def _kernel(ids_ref, x_ref, w_ref, out_ref, *, n_experts: int, rows: int, chunk: int, cols: int):
+    # One program: split s, assignment a, column block j.
+    # x_ref [A, K]; w_ref [E, K, N]; out_ref [S, A, N]; ids_ref [A] int32.
+    from jax.experimental import pallas as pl
+
+    s, a, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    expert = ids_ref[a]
+    here = (expert >= 0) & (expert < n_experts)  # sharded experts: another device's id is skipped
+
+    @pl.when(here)
+    def _():
+        def step(i, acc):
+            r = s * rows + i * chunk
+            xs = x_ref[a, pl.ds(r, chunk)].astype(jnp.float32)                         # [chunk]
+            w = w_ref[expert, pl.ds(r, chunk), pl.ds(j * cols, cols)].astype(jnp.float32)  # [chunk, cols]
+            return acc + jnp.sum(xs[:, None] * w, axis=0)
+        acc = jax.lax.fori_loop(0, rows // chunk, step, jnp.zeros((cols,), jnp.float32))
+        out_ref[s, a, pl.ds(j * cols, cols)] = acc
+
+    @pl.when(jnp.logical_not(here))
+    def _():
+        out_ref[s, a, pl.ds(j * cols, cols)] = jnp.zeros((cols,), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def gathered_matvec(x: jax.Array, ids: jax.Array, w: jax.Array, interpret: bool = False) -> jax.Array:
+    """out[a] = x[a] @ w[ids[a]] in float32 for x [A, K], ids int32 [A], w [E, K, N]; rows whose id
+    is outside [0, E) give zeros."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    (assignments, k), (n_experts, _, n) = x.shape, w.shape
+    cols = _block(n, 128)
+    chunk = _block(k, ROW_CHUNK)
+    splits = 1  # split the rows while there are too few programs and whole chunks remain per split
+    while assignments * (n // cols) * splits < TARGET_PROGRAMS and k % (2 * splits * chunk) == 0:
+        splits *= 2
+    kernel = functools.partial(_kernel, n_experts=n_experts, rows=k // splits, chunk=chunk, cols=cols)
+    partial_sums = pl.pallas_call(
+        kernel, grid=(splits, assignments, n // cols),
+        out_shape=jax.ShapeDtypeStruct((splits, assignments, n), jnp.float32),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=3), interpret=interpret,
+    )(ids.astype(jnp.int32), x, w)
+    return partial_sums.sum(axis=0)                                                       # [A, N]
+
+
+def experts(x, expert_ids, gate_weights, w_gate, w_up, w_down, interpret: bool = False) -> jax.Array:
+    """sum_k gate_weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]) for a few tokens x [t, d], in
+    float32 inside, returned in x's dtype; ids outside [0, experts) skipped (see moecli.sharding)."""
+    tokens, top_k = expert_ids.shape
+    ids = expert_ids.reshape(-1)
+    xs = jnp.repeat(x, top_k, axis=0)                                     # [t * k, d], one row per assignment
+    gate = gathered_matvec(xs, ids, w_gate, interpret=interpret)          # [t * k, f]
+    up = gathered_matvec(xs, ids, w_up, interpret=interpret)
+    hidden = (jax.nn.silu(gate) * up).astype(w_down.dtype)
+    y = gathered_matvec(hidden, ids, w_down, interpret=interpret)        # [t * k, d]
+    y = jnp.einsum("tk,tkd->td", gate_weights.astype(jnp.float32), y.reshape(tokens, top_k, -1))
+    return y.astype(x.dtype)

@@ -1,0 +1,82 @@
+"""The GPU decoding kernel (moecli/gpu_kernels.py), run in Pallas's interpreter on CPU against the
+pure-JAX experts, and lowered for CUDA (Pallas to Triton) to check that a GPU build accepts it."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moecli import cpu_kernels, gpu_kernels, moe
+from moecli.config import ModelConfig
+from moecli.model import init_cache, transformed
+from moecli.moe import Routing, experts_dense, route
+
+
+def random_experts(key, n_experts, d, f, dtype):
+    k1, k2, k3 = jax.random.split(key, 3)
+    w_gate, w_up = ((jax.random.normal(k, (n_experts, d, f)) * 2 / d ** 0.5).astype(dtype) for k in (k1, k2))
+    return w_gate, w_up, (jax.random.normal(k3, (n_experts, f, d)) * 2 / f ** 0.5).astype(dtype)
+
+
+@pytest.mark.parametrize("assignments,k,n", [(1, 64, 32), (3, 512, 96), (8, 48, 16)])
+def test_gathered_matvec_reads_each_rows_own_expert(assignments, k, n):
+    """Shapes with one and many row splits, one and several column blocks, and an id out of range."""
+    kx, kw, ki = jax.random.split(jax.random.PRNGKey(k), 3)
+    x = jax.random.normal(kx, (assignments, k))
+    w = jax.random.normal(kw, (5, k, n))
+    ids = jax.random.randint(ki, (assignments,), 0, 5).at[0].set(5)  # 5: another device's expert
+    got = gpu_kernels.gathered_matvec(x, ids, w, interpret=True)
+    want = np.einsum("ak,akn->an", np.asarray(x), np.asarray(w)[np.minimum(np.asarray(ids), 4)])
+    want[0] = 0.0
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_experts_kernel_equals_dense(tokens, dtype):
+    n_experts, top_k, d, f = 6, 2, 64, 96
+    kx, kw, kr = jax.random.split(jax.random.PRNGKey(tokens), 3)
+    x = jax.random.normal(kx, (tokens, d)).astype(dtype)
+    weights = random_experts(kw, n_experts, d, f, dtype)
+    routing = route(x[None], jax.random.normal(kr, (d, n_experts)), top_k, True)
+    flat = Routing(*(t[0] for t in routing))
+    got = gpu_kernels.experts(x, flat.experts, flat.weights, *weights, interpret=True)
+    want = experts_dense(*(a.astype(jnp.float32) for a in (x, *weights)), flat, n_experts)
+    tolerance = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **tolerance)
+
+
+def test_kernel_lowers_for_cuda_with_triton():
+    """What a GPU build checks before compiling: block shapes, the ops Pallas's Triton lowering
+    supports, shared-memory use. (Compiling and timing it needs a GPU: bench/gpu.sh.)"""
+    weights = random_experts(jax.random.PRNGKey(0), 8, 256, 512, jnp.bfloat16)
+    args = (jnp.ones((1, 256), jnp.bfloat16), jnp.array([[3, 8]], jnp.int32), jnp.full((1, 2), 0.5), *weights)
+    lowered = jax.jit(gpu_kernels.experts).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
+
+
+def test_decoding_picks_the_kernel_on_gpu_and_matches_the_scan(monkeypatch):
+    """A whole decode step with the kernel (interpreted) standing in for the GPU path."""
+    c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                    d_ff=0, d_expert=48, n_experts=4, top_k=2, moe_layers=(True, True))
+    model = transformed(c)
+    ids = jnp.array([[5, 9, 2, 7]])
+    params = model.init(jax.random.PRNGKey(0), ids)
+    _, cache, _ = model.apply(params, ids, init_cache(c, 1, 8))
+    token = jnp.array([[11]])
+    monkeypatch.setattr(cpu_kernels, "on", lambda: False)
+    want = model.apply(params, token, cache)[0]
+    picked = []
+    monkeypatch.setattr(gpu_kernels, "on", lambda: True)
+    monkeypatch.setattr(gpu_kernels, "experts", functools.partial(gpu_kernels.experts, interpret=True))
+    pick = moe.pick_experts
+    monkeypatch.setattr(moe, "pick_experts", lambda *a: picked.append(pick(*a)) or picked[-1])
+    got = model.apply(params, token, cache)[0]
+    assert picked == [moe.experts_gpu_kernel] * 2
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    assert not gpu_kernels.on()  # no GPU here: the scan decodes
