@@ -86,3 +86,21 @@ def test_decoding_picks_the_kernel_on_gpu_and_matches_the_scan(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
     assert not gpu_kernels.on()  # no GPU here: the scan decodes
+
+
+def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypatch):
+    """On a GPU whose Triton path rejects the kernel, decoding falls back to the scan, and
+    --verbose says why; here, on CPU, the compiled (not interpreted) kernel cannot run at all."""
+    gpu_kernels.self_check.cache_clear()
+    assert "self-check failed" in gpu_kernels.self_check()
+    interpreted = functools.partial(gpu_kernels.gathered_matvec, interpret=True)
+    monkeypatch.setattr(gpu_kernels, "gathered_matvec", interpreted)
+    gpu_kernels.self_check.cache_clear()
+    assert gpu_kernels.self_check() is None
+    monkeypatch.setattr(gpu_kernels, "gathered_matvec", lambda *a, **k: interpreted(*a, **k) + 1)
+    gpu_kernels.self_check.cache_clear()
+    assert gpu_kernels.self_check() == "its self-check computed wrong numbers"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not gpu_kernels.on()
+    assert gpu_kernels.status() == "GPU decoding kernel: off (its self-check computed wrong numbers)"
+    gpu_kernels.self_check.cache_clear()
