@@ -25,6 +25,7 @@ measured by `bench/gpu.sh` on a lent GPU (BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 
@@ -46,7 +47,14 @@ def self_check() -> str | None:
     """Compile and run the kernel once on a small case against XLA's einsum; None if it agrees,
     else why not. A GPU, driver or JAX whose Triton path rejects the kernel (or miscomputes it)
     then decodes with the pure-JAX scan instead of failing: the kernel is young, and its first
-    real-GPU run is still to come (BENCHMARKS.md)."""
+    real-GPU run is still to come (BENCHMARKS.md). The check runs in a thread of its own: JAX's
+    tracing state is per thread, and the first caller is usually tracing a decode step, into
+    which the check's operations would otherwise be staged."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        return thread.submit(_check).result()
+
+
+def _check() -> str | None:
     try:
         kx, kw = jax.random.split(jax.random.PRNGKey(0))
         x, w = jax.random.normal(kx, (2, 64)), jax.random.normal(kw, (3, 64, 32))
