@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark, prepared as one script for a lent H100/H200 (the device tool): moecli and
 # transformers side by side in bf16 on the same random-weight checkpoints, the measured HBM
-# bandwidth (decode floor) in the same run, the Pallas decoding kernel against the pure-JAX scan,
-# and the sharded path on one GPU.
+# bandwidth (decode floor) in the same run, the Pallas decoding kernel against the pure-JAX scan
+# (whole model, and one layer in bench/gpu_layer.py), and the sharded path on one GPU.
 #
 #   Here, once:   echo /.whl/ >> .git/info/exclude
 #                 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -21,15 +21,18 @@ fi
 export PYTHONUNBUFFERED=1 MOECLI_CACHE=/tmp/moecli-cache
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, torch, transformers; print(jax.__version__, jax.devices(), torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-# The big shape that fits: Mixtral-8x7B (93 GB bf16) only on an H200; Qwen3-30B-A3B (61 GB) on an H100.
+python3 -c "from moecli import gpu_kernels; print(gpu_kernels.status())" | tee -a "$OUT/gpu.txt"
+# One MoE layer's decode: the Pallas kernel, the pure-JAX scan and the HBM floor (issue 6's shapes).
+timeout 120 python3 bench/gpu_layer.py 2>&1 | tee "$OUT/layer.txt" | tail -4
+# OLMoE side by side, then the Pallas decoding kernel (moecli/gpu_kernels.py) against the pure-JAX
+# scan it replaces, on the same files; then the big shape that fits: Mixtral-8x7B (93 GB bf16) only
+# on an H200, Qwen3-30B-A3B (61 GB) on an H100.
+timeout 240 python3 -m moecli bench olmoe-1b-7b --compare-hf --dtype bfloat16 --json "$OUT/olmoe-1b-7b.json" 2>&1 | tail -25
+MOECLI_GPU_KERNELS=0 timeout 120 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \
+  --json "$OUT/olmoe-1b-7b-scan.json" 2>&1 | tail -25
 big=qwen3-30b-a3b
 python3 -c "import torch; exit(0 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 1)" && big=mixtral-8x7b
-for shape in olmoe-1b-7b "$big"; do
-  timeout 240 python3 -m moecli bench "$shape" --compare-hf --dtype bfloat16 --json "$OUT/$shape.json" 2>&1 | tail -25
-done
-# The Pallas decoding kernel (moecli/gpu_kernels.py) against the pure-JAX scan it replaces.
-MOECLI_GPU_KERNELS=0 timeout 150 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \
-  --json "$OUT/olmoe-1b-7b-scan.json" 2>&1 | tail -25
+timeout 240 python3 -m moecli bench "$big" --compare-hf --dtype bfloat16 --json "$OUT/$big.json" 2>&1 | tail -25
 # The sharded code path on one GPU (a mesh of one device still goes through shard_map when --devices
 # is given on a multi-GPU machine; on one GPU this checks placement and the single-device path).
 python3 -m moecli info "$MOECLI_CACHE/bench/olmoe-1b-7b-bfloat16" --devices 1 || true

@@ -3,6 +3,10 @@ pure-JAX experts, and lowered for CUDA (Pallas to Triton) to check that a GPU bu
 from __future__ import annotations
 
 import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +116,14 @@ def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypat
     assert not gpu_kernels.on()
     assert gpu_kernels.status() == "GPU decoding kernel: off (its self-check computed wrong numbers)"
     gpu_kernels.self_check.cache_clear()
+
+
+def test_gpu_layer_benchmark_runs_its_smoke_test():
+    """bench/gpu_layer.py (run by bench/gpu.sh on a lent GPU) must not rot while no GPU is lent:
+    its --small mode runs the same code on tiny shapes, the kernel interpreted, and the kernel must
+    agree with the scan there."""
+    script = Path(__file__).parent.parent / "bench" / "gpu_layer.py"
+    out = subprocess.run([sys.executable, str(script), "--small"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["small"]["kernel_us"] > 0 and result["small"]["max_abs_diff"] < 1e-3
