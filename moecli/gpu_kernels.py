@@ -18,7 +18,8 @@ is three such products: gate and up, then silu(gate) * up through the down matri
 
 Written with Pallas's Triton lowering (`pallas.triton.CompilerParams`), which compiled and ran on
 the H200 of issue 6. Block shapes are powers of two (Triton's rule), so the kernel applies where
-the matrices' sides are multiples of 16; elsewhere, with MOECLI_GPU_KERNELS=0, or if the kernel
+the matrices' sides are multiples of 16 (and a stack has under 2^31 elements: Triton's addresses
+are 32-bit offsets); elsewhere, with MOECLI_GPU_KERNELS=0, or if the kernel
 fails its self-check on the GPU at hand, moecli uses `experts_scanned`. The tests run it in
 Pallas's interpreter on CPU against the pure-JAX experts and lower it for CUDA; its speed is
 measured by `bench/gpu.sh` on a lent GPU (BENCHMARKS.md).
@@ -57,11 +58,13 @@ def self_check() -> str | None:
 def _check() -> str | None:
     try:
         kx, kw = jax.random.split(jax.random.PRNGKey(0))
-        x, w = jax.random.normal(kx, (2, 64)), jax.random.normal(kw, (3, 64, 32))
-        ids = jnp.array([2, 0], jnp.int32)
-        got, want = gathered_matvec(x, ids, w), jnp.einsum("ak,akn->an", x, w[ids])
-        if not bool(jnp.allclose(got, want, rtol=1e-3, atol=1e-3)):
-            return "its self-check computed wrong numbers"
+        for dtype in (jnp.bfloat16, jnp.float32):  # the weights' dtypes: bf16 by default on a GPU
+            x, w = (jax.random.normal(k, shape).astype(dtype) for k, shape in ((kx, (2, 64)), (kw, (3, 64, 32))))
+            ids = jnp.array([2, 0], jnp.int32)
+            got = gathered_matvec(x, ids, w)
+            want = jnp.einsum("ak,akn->an", x.astype(jnp.float32), w[ids].astype(jnp.float32))
+            if not bool(jnp.allclose(got, want, rtol=1e-3, atol=1e-3)):
+                return "its self-check computed wrong numbers"
     except Exception as e:  # whatever the Triton toolchain raises: fall back, and say why in --verbose
         return f"its self-check failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return None
@@ -77,9 +80,10 @@ def status() -> str:
     return "GPU decoding kernel: on" if why is None else f"GPU decoding kernel: off ({why})"
 
 
-def applies(d: int, f: int) -> bool:
-    """Whether the kernel handles experts of these sides (power-of-two blocks must tile them)."""
-    return d % 16 == 0 and f % 16 == 0
+def applies(n_experts: int, d: int, f: int) -> bool:
+    """Whether the kernel handles this expert stack: power-of-two blocks must tile its sides, and
+    its element offsets must fit the 32-bit integers Triton computes addresses with."""
+    return d % 16 == 0 and f % 16 == 0 and n_experts * d * f < 2**31
 
 
 def _block(n: int, largest: int) -> int:

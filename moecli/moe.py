@@ -117,11 +117,11 @@ def experts_cpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int
 
 def experts_gpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
     """Dropless decoding on GPU as a Pallas kernel (`moecli.gpu_kernels`): each assignment's expert
-    matrices streamed once, in place, split over hundreds of programs. Experts whose sides the
-    kernel's power-of-two blocks cannot tile fall back to `experts_scanned`."""
+    matrices streamed once, in place, split over hundreds of programs. Expert stacks the kernel
+    cannot take (see `gpu_kernels.applies`) fall back to `experts_scanned`."""
     from moecli import cpu_kernels, gpu_kernels
 
-    if not gpu_kernels.applies(*w_gate.shape[1:]):
+    if not gpu_kernels.applies(*w_gate.shape):
         return experts_scanned(x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
 
     def reference(x, experts, weights, w_gate, w_up, w_down):

@@ -69,6 +69,18 @@ def test_kernel_lowers_for_cuda_with_triton(n_experts, top_k, d, f):
     assert "custom_call @__gpu$xla.gpu.triton" in lowered.as_text()
 
 
+def test_stacks_the_kernel_cannot_take_fall_back_to_the_scan(monkeypatch):
+    assert gpu_kernels.applies(8, 4096, 14336) and gpu_kernels.applies(128, 2048, 768)
+    assert not gpu_kernels.applies(8, 64, 50)  # not a multiple of 16
+    assert not gpu_kernels.applies(256, 7168, 2048)  # DeepSeek-V3-sized: over 2^31 elements
+    monkeypatch.setattr(gpu_kernels, "experts", lambda *a, **k: pytest.fail("the kernel ran"))
+    weights = random_experts(jax.random.PRNGKey(1), 4, 64, 50, jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 64))
+    routing = Routing(jnp.array([[3, 1]]), jnp.array([[0.7, 0.3]]), None)
+    got = moe.experts_gpu_kernel(x, *weights, routing, 4)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(experts_dense(x, *weights, routing, 4)), rtol=1e-5, atol=1e-5)
+
+
 def test_decoding_picks_the_kernel_on_gpu_and_matches_the_scan(monkeypatch):
     """A whole decode step with the kernel (interpreted) standing in for the GPU path."""
     c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
