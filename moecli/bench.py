@@ -248,7 +248,12 @@ def run_order(engines: tuple[str, ...], repeat: int) -> list[str]:
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
     """Each engine's median run (metric by metric), and the ratios. With transformers, the ratio is
-    the median of each pair's ratio: a pair ran back to back, so it saw the same machine."""
+    the median of each pair's ratio: a pair ran back to back, so it saw the same machine. The decode
+    floor is the machine's, not an engine's: transformers' share of it is taken from its pair's
+    moecli run, so the two shares bound the ratio (moecli's share / transformers' share)."""
+    for ours, theirs in zip(runs.get("moecli", []), runs.get("transformers", [])):
+        if ours.get("decode_floor_tok_s"):
+            theirs["decode_of_floor"] = theirs["decode_tok_s"] / ours["decode_floor_tok_s"]
     results = {}
     for engine, rs in runs.items():
         results[engine] = {key: (float(np.median([r[key] for r in rs])) if isinstance(value, (int, float))

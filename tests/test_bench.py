@@ -50,6 +50,8 @@ def test_bench_compare_hf_writes_json(tiny_shape, tmp_path):
         assert data[engine]["decode_tok_s"] > 0 and data[engine]["prefill_tok_s"] > 0
     assert data["ratio"]["decode"] == pytest.approx(data["moecli"]["decode_tok_s"] / data["transformers"]["decode_tok_s"])
     assert data["moecli"]["decode_floor_tok_s"] > 0
+    assert data["transformers"]["decode_of_floor"] == pytest.approx(
+        data["transformers"]["decode_tok_s"] / data["moecli"]["decode_floor_tok_s"])
     assert f"{data['ratio']['decode']:.2f}x" in result.stdout
 
 
@@ -62,12 +64,15 @@ def test_bench_repeat_alternates_engines_and_reports_medians(tiny_shape, tmp_pat
     """--repeat N: the engines take turns going first, each metric is the median of its runs and the
     ratio the median of the back-to-back pairs' ratios (not a ratio of medians)."""
     decode = {"moecli": iter([10.0, 30.0, 12.0]), "transformers": iter([5.0, 10.0, 8.0])}
+    floors = iter([20.0, 40.0, 16.0])  # the decode floor each moecli run measured
     calls = []
 
     def fake_run(engine, folder, dtype, prompt_len, new_tokens, timeout):
         calls.append(engine)
         result = {key: 1.0 for key in bench.METRICS}
         result.update(decode_tok_s=next(decode[engine]), prefill_tok_s=2.0, device="cpu", version="v")
+        if engine == "moecli":
+            result.update(decode_floor_tok_s=next(floors))
         return result
 
     monkeypatch.setattr(bench, "write_synthetic", lambda shape, dtype: tmp_path)
@@ -82,6 +87,9 @@ def test_bench_repeat_alternates_engines_and_reports_medians(tiny_shape, tmp_pat
     assert data["ratio"]["decode"] == 2.0 and data["ratio"]["prefill"] == 1.0
     assert len(data["runs"]["moecli"]) == 3 and data["setup"]["repeat"] == 3
     assert "2.00x (1.50-3.00)" in result.stdout and "median of 3 runs" in result.stdout
+    # transformers' share of the floor its own pair's moecli run measured: 5/20, 10/40, 8/16
+    assert [r["decode_of_floor"] for r in data["runs"]["transformers"]] == [0.25, 0.25, 0.5]
+    assert data["transformers"]["decode_of_floor"] == 0.25
 
 
 def test_bench_rejects_zero_repeats(tiny_shape):

@@ -75,7 +75,8 @@ def results_table(results: dict) -> Table:
         table.add_row(*row)
     for metric in FLOOR:
         if metric in results["moecli"]:
-            table.add_row(metric, fmt(results["moecli"][metric]), *[""] * (len(engines) - 1 + ("ratio" in results)))
+            table.add_row(metric, *[fmt(results[e][metric]) if metric in results[e] else "" for e in engines],
+                          *([""] if "ratio" in results else []))
     table.add_row("device / versions", *[f"{results[e]['device']}, {results[e]['version']}" for e in engines],
                   *([""] if "ratio" in results else []))
     return table
