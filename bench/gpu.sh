@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark, prepared as one script for a lent H100/H200 (the device tool): moecli and
 # transformers side by side in bf16 on the same random-weight checkpoints, the measured HBM
-# bandwidth (decode floor) in the same run, the Pallas decoding kernel against the pure-JAX scan
+# bandwidth (decode floor) in the same run, the Pallas expert kernels against the pure-JAX scans
 # (whole model, and one layer in bench/gpu_layer.py), and the sharded path on one GPU.
 #
 #   Here, once:   echo /.whl/ >> .git/info/exclude
@@ -26,8 +26,8 @@ python3 -c "import jax, torch, transformers; print(jax.__version__, jax.devices(
 python3 -c "from moecli import gpu_kernels; print(gpu_kernels.status())" | tee -a "$OUT/gpu.txt"
 # One MoE layer's decode: the Pallas kernel, the pure-JAX scan and the HBM floor (issue 6's shapes).
 timeout 120 python3 bench/gpu_layer.py 2>&1 | tee "$OUT/layer.txt" | tail -4
-# OLMoE side by side, then the Pallas decoding kernel (moecli/gpu_kernels.py) against the pure-JAX
-# scan it replaces, on the same files; then the big shape that fits: Mixtral-8x7B (93 GB bf16) only
+# OLMoE side by side, then the Pallas expert kernels (moecli/gpu_kernels.py) against the pure-JAX
+# scans they replace, on the same files; then the big shape that fits: Mixtral-8x7B (93 GB bf16) only
 # on an H200, Qwen3-30B-A3B (61 GB) on an H100.
 timeout 240 python3 -m moecli bench olmoe-1b-7b --compare-hf --dtype bfloat16 --json "$OUT/olmoe-1b-7b.json" 2>&1 | tail -25
 MOECLI_GPU_KERNELS=0 timeout 120 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \

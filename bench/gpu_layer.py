@@ -1,6 +1,7 @@
-"""One MoE layer's decode (one token) on a GPU: the Pallas kernel against the pure-JAX scan and the
-HBM floor, at the shapes of issue 6 (whose H200 measured, for the same layer: gathering the k
-experts 735 / 256 µs at Mixtral / Qwen3-30B, ragged_dot 880 / 565, the floor ~164 / ~18).
+"""One MoE layer on a GPU, at the shapes of issue 6: decoding one token with the Pallas kernel
+against the pure-JAX scan and the HBM floor (the issue's H200 measured, for the same layer:
+gathering the k experts 735 / 256 µs at Mixtral / Qwen3-30B, ragged_dot 880 / 565, the floor
+~164 / ~18), and a 512-token prompt with the grouped kernel against the scan of dense blocks.
 
     python bench/gpu_layer.py            # on the GPU (bench/gpu.sh runs it)
     python bench/gpu_layer.py --small    # a smoke test anywhere: tiny shapes, the kernel interpreted
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from moecli import gpu_kernels
-from moecli.moe import Routing, experts_scanned
+from moecli.moe import Routing, experts_blocked, experts_gpu_grouped, experts_scanned
 
 SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),
           "olmoe-1b-7b": (64, 8, 2048, 1024)}  # experts, top_k, d_model, expert FFN
@@ -41,6 +42,9 @@ def bandwidth_gb_s(gigabytes: float = 2.0) -> float:
 def main(small: bool) -> None:
     shapes = {"small": (6, 2, 64, 96)} if small else SHAPES
     experts_kernel = functools.partial(gpu_kernels.experts, interpret=small)
+    if small:  # the prompt path calls gpu_kernels.grouped_matmul: interpret it too
+        gpu_kernels.grouped_matmul = functools.partial(gpu_kernels.grouped_matmul, interpret=True)
+    prompt_len = 20 if small else 512
     bandwidth = bandwidth_gb_s(0.01 if small else 2.0)
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "bandwidth_gb_s": bandwidth,
                "kernel": gpu_kernels.status()}
@@ -60,6 +64,18 @@ def main(small: bool) -> None:
                "floor_us": floor_s * 1e6, "max_abs_diff": float(jnp.max(jnp.abs(got - want)))}
         row["kernel_of_floor"] = row["floor_us"] / row["kernel_us"]
         row["scan_of_floor"] = row["floor_us"] / row["scan_us"]
+        xp = jax.random.normal(keys[3], (prompt_len, d), jnp.bfloat16)
+        ids_p = jax.random.randint(keys[0], (prompt_len, top_k), 0, n_experts, jnp.int32)
+        routing = Routing(ids_p, jnp.full((prompt_len, top_k), 1.0 / top_k, jnp.float32), None)
+        grouped = jax.jit(lambda x, r, *w: experts_gpu_grouped(x, *w, r, n_experts))
+        blocked = jax.jit(lambda x, r, *w: experts_blocked(x, *w, r, n_experts))
+        flops = prompt_len * top_k * 3 * 2 * d * f
+        row["prompt_kernel_ms"] = best_time_s(grouped, xp, routing, w_gate, w_up, w_down, repeat=10) * 1e3
+        row["prompt_scan_ms"] = best_time_s(blocked, xp, routing, w_gate, w_up, w_down, repeat=10) * 1e3
+        row["prompt_kernel_tflop_s"] = flops / row["prompt_kernel_ms"] / 1e9
+        prompt_args = (xp, routing, w_gate, w_up, w_down)
+        row["prompt_max_abs_diff"] = float(jnp.max(jnp.abs(grouped(*prompt_args).astype(jnp.float32)
+                                                           - blocked(*prompt_args).astype(jnp.float32))))
         results[name] = row
         print(name, json.dumps({k: round(v, 3) for k, v in row.items()}), flush=True)
     print(json.dumps(results))

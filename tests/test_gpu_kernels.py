@@ -1,4 +1,4 @@
-"""The GPU decoding kernel (moecli/gpu_kernels.py), run in Pallas's interpreter on CPU against the
+"""The GPU expert kernels (moecli/gpu_kernels.py), run in Pallas's interpreter on CPU against the
 pure-JAX experts, and lowered for CUDA (Pallas to Triton) to check that a GPU build accepts it."""
 from __future__ import annotations
 
@@ -54,6 +54,41 @@ def test_experts_kernel_equals_dense(tokens, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **tolerance)
 
 
+def test_grouped_matmul_multiplies_each_block_by_its_expert():
+    """Blocks of 16 rows, a spare block (expert id = n_experts) giving zeros."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(3))
+    xs, w = jax.random.normal(kx, (4 * 16, 96)), jax.random.normal(kw, (3, 96, 80))
+    block_expert = jnp.array([2, 0, 0, 3], jnp.int32)
+    got = gpu_kernels.grouped_matmul(xs, block_expert, w, interpret=True)
+    want = np.concatenate([np.asarray(xs[16 * b:16 * (b + 1)]) @ np.asarray(w[e]) if e < 3 else np.zeros((16, 80))
+                           for b, e in enumerate([2, 0, 0, 3])])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_prompt_experts_on_the_grouped_kernel_equal_dense(monkeypatch, dtype):
+    """A prompt's experts through `moe.experts_gpu_grouped` (the kernel interpreted), also with
+    another device's assignments left out."""
+    monkeypatch.setattr(gpu_kernels, "grouped_matmul", functools.partial(gpu_kernels.grouped_matmul, interpret=True))
+    n_experts, top_k, d, f, tokens = 6, 2, 64, 96, 20
+    kx, kw, kr = jax.random.split(jax.random.PRNGKey(4), 3)
+    x = jax.random.normal(kx, (tokens, d)).astype(dtype)
+    weights = random_experts(kw, n_experts, d, f, dtype)
+    routing = route(x[None], jax.random.normal(kr, (d, n_experts)), top_k, True)
+    flat = Routing(*(t[0] for t in routing))
+    tolerance = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    upcast = [a.astype(jnp.float32) for a in (x, *weights)]
+    got = moe.experts_gpu_grouped(x, *weights, flat, n_experts)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(experts_dense(*upcast, flat, n_experts)),
+                               **tolerance)
+    here = flat.experts < 4  # experts 4 and 5 live on another device: renumbered 4, weight 0
+    local = Routing(jnp.where(here, flat.experts, 4), jnp.where(here, flat.weights, 0.0), None)
+    got = moe.experts_gpu_grouped(x, *(w[:4] for w in weights), local, 4, elsewhere=True)
+    want = experts_dense(*upcast, Routing(jnp.minimum(local.experts, 5), local.weights, None), n_experts)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **tolerance)
+
+
 @pytest.mark.parametrize("n_experts,top_k,d,f", [(8, 2, 4096, 14336), (64, 8, 2048, 1024), (128, 8, 2048, 768),
                                                 (32, 8, 1024, 512), (8, 2, 48, 80)])
 def test_kernel_lowers_for_cuda_with_triton(n_experts, top_k, d, f):
@@ -66,6 +101,12 @@ def test_kernel_lowers_for_cuda_with_triton(n_experts, top_k, d, f):
             spec((n_experts, d, f), jnp.bfloat16), spec((n_experts, d, f), jnp.bfloat16),
             spec((n_experts, f, d), jnp.bfloat16))
     lowered = jax.jit(gpu_kernels.experts).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "custom_call @__gpu$xla.gpu.triton" in lowered.as_text()
+    # a 512-token prompt: the grouped kernel
+    prompt = (spec((512, d), jnp.bfloat16), *args[3:], Routing(spec((512, top_k), jnp.int32),
+                                                                 spec((512, top_k), jnp.float32), None))
+    lowered = jax.jit(functools.partial(moe.experts_gpu_grouped, n_experts=n_experts)).trace(*prompt).lower(
+        lowering_platforms=("cuda",))
     assert "custom_call @__gpu$xla.gpu.triton" in lowered.as_text()
 
 
@@ -81,27 +122,33 @@ def test_stacks_the_kernel_cannot_take_fall_back_to_the_scan(monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(experts_dense(x, *weights, routing, 4)), rtol=1e-5, atol=1e-5)
 
 
-def test_decoding_picks_the_kernel_on_gpu_and_matches_the_scan(monkeypatch):
-    """A whole decode step with the kernel (interpreted) standing in for the GPU path."""
+def test_a_prompt_and_a_decode_step_pick_the_kernels_on_gpu_and_match_the_pure_jax_paths(monkeypatch):
+    """The whole model with the kernels (interpreted) standing in for the GPU paths: a prompt on
+    the grouped kernel, a decode step on the gathering one, against the scan paths."""
     c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                     d_ff=0, d_expert=48, n_experts=4, top_k=2, moe_layers=(True, True))
     model = transformed(c)
-    ids = jnp.array([[5, 9, 2, 7]])
+    ids, token = jnp.array([[5, 9, 2, 7]]), jnp.array([[11]])
     params = model.init(jax.random.PRNGKey(0), ids)
-    _, cache, _ = model.apply(params, ids, init_cache(c, 1, 8))
-    token = jnp.array([[11]])
+
+    def prompt_then_token():
+        logits, cache, _ = model.apply(params, ids, init_cache(c, 1, 8))
+        return logits, model.apply(params, token, cache)[0]
+
     monkeypatch.setattr(cpu_kernels, "on", lambda: False)
-    want = model.apply(params, token, cache)[0]
+    want = prompt_then_token()
     picked = []
     monkeypatch.setattr(gpu_kernels, "on", lambda: True)
     monkeypatch.setattr(gpu_kernels, "experts", functools.partial(gpu_kernels.experts, interpret=True))
+    monkeypatch.setattr(gpu_kernels, "grouped_matmul", functools.partial(gpu_kernels.grouped_matmul, interpret=True))
     pick = moe.pick_experts
     monkeypatch.setattr(moe, "pick_experts", lambda *a: picked.append(pick(*a)) or picked[-1])
-    got = model.apply(params, token, cache)[0]
-    assert picked == [moe.experts_gpu_kernel] * 2
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    got = prompt_then_token()
+    assert picked == [moe.experts_gpu_grouped] * 2 + [moe.experts_gpu_kernel] * 2
+    for ours, theirs in zip(got, want):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
-    assert not gpu_kernels.on()  # no GPU here: the scan decodes
+    assert not gpu_kernels.on()  # no GPU here: the scans run
 
 
 def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypatch):
@@ -111,6 +158,7 @@ def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypat
     assert "self-check failed" in gpu_kernels.self_check()
     interpreted = functools.partial(gpu_kernels.gathered_matvec, interpret=True)
     monkeypatch.setattr(gpu_kernels, "gathered_matvec", interpreted)
+    monkeypatch.setattr(gpu_kernels, "grouped_matmul", functools.partial(gpu_kernels.grouped_matmul, interpret=True))
     checked = []
 
     @jax.jit
@@ -123,10 +171,10 @@ def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypat
     assert checked == [None]
     monkeypatch.setattr(gpu_kernels, "gathered_matvec", lambda *a, **k: interpreted(*a, **k) + 1)
     gpu_kernels.self_check.cache_clear()
-    assert gpu_kernels.self_check() == "its self-check computed wrong numbers"
+    assert gpu_kernels.self_check() == "the self-check computed wrong numbers"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not gpu_kernels.on()
-    assert gpu_kernels.status() == "GPU decoding kernel: off (its self-check computed wrong numbers)"
+    assert gpu_kernels.status() == "GPU expert kernels: off (the self-check computed wrong numbers)"
     gpu_kernels.self_check.cache_clear()
 
 
@@ -138,4 +186,6 @@ def test_gpu_layer_benchmark_runs_its_smoke_test():
     out = subprocess.run([sys.executable, str(script), "--small"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["small"]["kernel_us"] > 0 and result["small"]["max_abs_diff"] < 1e-3
+    small = result["small"]
+    assert small["kernel_us"] > 0 and small["prompt_kernel_ms"] > 0
+    assert small["max_abs_diff"] < 1e-3 and small["prompt_max_abs_diff"] < 1e-3
