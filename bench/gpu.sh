@@ -6,8 +6,9 @@
 #
 #   Here, once:   echo /.whl/ >> .git/info/exclude
 #                 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#                   --implementation cp --platform manylinux2014_x86_64 -d .whl \
-#                   dm-haiku==0.0.17 jmp typer rich shellingham safetensors sentencepiece
+#                   --implementation cp --platform manylinux2014_x86_64 -d .whl dm-haiku==0.0.17 jmp
+#                 (the H200 image has everything else moecli imports: jax 0.11.2, typer, rich, click,
+#                 safetensors, sentencepiece, tokenizers, jinja2, tabulate; .library/device/KINDS.md)
 #   Device tool:  run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
 #
 # Results land in $OUT/*.json; copy the figures into BENCHMARKS.md with the device and versions.
