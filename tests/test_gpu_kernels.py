@@ -189,3 +189,16 @@ def test_gpu_layer_benchmark_runs_its_smoke_test():
     small = result["small"]
     assert small["kernel_us"] > 0 and small["prompt_kernel_ms"] > 0
     assert small["max_abs_diff"] < 1e-3 and small["prompt_max_abs_diff"] < 1e-3
+
+
+def test_verbose_says_whether_the_gpu_kernels_run(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from moecli.commands.generate import print_stats
+
+    stats = SimpleNamespace(prompt_tokens=3, prefill_tok_s=1.0, generated_tokens=2, decode_tok_s=1.0,
+                            stopped_by="length", ttft_s=0.1, compile_s=0.0)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("MOECLI_GPU_KERNELS", "0")
+    print_stats(stats)
+    assert "GPU expert kernels: off (MOECLI_GPU_KERNELS=0)" in capsys.readouterr().err
