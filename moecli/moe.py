@@ -117,18 +117,26 @@ def experts_cpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int
 
 def experts_gpu_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
     """Dropless decoding on GPU as a Pallas kernel (`moecli.gpu_kernels`): each assignment's expert
-    matrices streamed once, in place, split over hundreds of programs. Expert stacks the kernel
-    cannot take (see `gpu_kernels.applies`) fall back to `experts_scanned`."""
+    matrices streamed once, in place, split over hundreds of programs."""
+    from moecli import gpu_kernels
+
+    return _on_gpu(gpu_kernels.experts, experts_scanned, x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
+
+
+def _on_gpu(kernel, fallback, x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool):
+    """kernel(x, ids, gate weights, w_gate, w_up, w_down) with `fallback`, the pure-JAX path computing
+    the same thing, for its gradients and for the expert stacks the GPU kernels cannot take (see
+    `gpu_kernels.applies`)."""
     from moecli import cpu_kernels, gpu_kernels
 
     if not gpu_kernels.applies(*w_gate.shape):
-        return experts_scanned(x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
+        return fallback(x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
 
     def reference(x, experts, weights, w_gate, w_up, w_down):
-        return experts_scanned(x, w_gate, w_up, w_down, Routing(experts, weights, None), n_experts, True)
+        return fallback(x, w_gate, w_up, w_down, Routing(experts, weights, None), n_experts, True)
 
-    kernel = cpu_kernels.with_reference_gradient(gpu_kernels.experts, reference)
-    return kernel(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    return cpu_kernels.with_reference_gradient(kernel, reference)(x, routing.experts, routing.weights,
+                                                                  w_gate, w_up, w_down)
 
 
 def pick_experts(tokens: int, top_k: int, n_experts: int):
@@ -206,24 +214,18 @@ def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, e
 def experts_gpu_grouped(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
     """Dropless prompts on GPU: the same blocks as `experts_blocked`, but each projection is one
     Pallas kernel over all blocks at once (`gpu_kernels.grouped_matmul`, a grouped GEMM on the
-    tensor cores), not a scan of small products. Stacks the kernel cannot take use the scan."""
-    from moecli import cpu_kernels, gpu_kernels
-
-    if not gpu_kernels.applies(*w_gate.shape):
-        return experts_blocked(x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
+    tensor cores), not a scan of small products."""
+    from moecli import gpu_kernels
 
     def kernel(x, experts, weights, w_gate, w_up, w_down):
-        blocks = sort_into_blocks(x, Routing(experts, weights, None), n_experts, min_block=16)
+        routing = Routing(experts, weights, None)
+        blocks = sort_into_blocks(x, routing, n_experts, min_block=16)
         gate, up = (gpu_kernels.grouped_matmul(blocks.xs, blocks.expert, w) for w in (w_gate, w_up))
         hidden = (jax.nn.silu(gate) * up).astype(w_down.dtype)
         ys = gpu_kernels.grouped_matmul(hidden, blocks.expert, w_down)
-        return combine_blocks(ys, blocks, Routing(experts, weights, None)).astype(x.dtype)
+        return combine_blocks(ys, blocks, routing).astype(x.dtype)
 
-    def reference(x, experts, weights, w_gate, w_up, w_down):
-        return experts_blocked(x, w_gate, w_up, w_down, Routing(experts, weights, None), n_experts)
-
-    kernel = cpu_kernels.with_reference_gradient(kernel, reference)
-    return kernel(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    return _on_gpu(kernel, experts_blocked, x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
 
 
 def claim_rank(expert: jax.Array, n_experts: int) -> jax.Array:
