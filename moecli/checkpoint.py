@@ -24,7 +24,7 @@ from moecli.config import ModelConfig
 from moecli.errors import QUANTIZED_HINT, CheckpointError, ResourceError
 from moecli.families import checkpoint_tensors
 from moecli.model import transformed
-from moecli.placement import Placer
+from moecli.placement import Placer, aligned_empty
 
 FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
 SAFE_DTYPES = ("F32", "F16", "BF16")  # the same, as safetensors headers spell them
@@ -109,7 +109,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
                             and math.prod(shape) * dtype.itemsize == end - begin):
                         raise CheckpointError(f"{path.name} is corrupt (tensor {name}: {end - begin} bytes for shape "
                                               f"{str(shape)[:80]})", "re-download the checkpoint")
-                    array = np.empty(shape, dtype)
+                    array = aligned_empty(shape, dtype)  # so a whole tensor reaches the device without a copy
                     f.seek(start + begin)
                     if array.nbytes and f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
                         raise CheckpointError(f"{path.name} is truncated", "re-download the checkpoint")

@@ -171,6 +171,24 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return _product("moecli_matmul", x, w)
 
 
+_TRANSPOSE_KINDS = {("float32", "float32"): 0, ("bfloat16", "bfloat16"): 1, ("bfloat16", "float32"): 2}
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray) -> bool:
+    """dst[...] = src with its last two axes swapped (and bfloat16 widened to a float32 dst), by the
+    tiled copy of csrc/transpose.cc: ~4x numpy's on the development VM, which made transposing
+    half of loading a checkpoint. Both arrays C-contiguous. Returns False, copying nothing, where
+    it does not apply (not on CPU, kernels unavailable, other dtypes): the caller copies."""
+    kind = _TRANSPOSE_KINDS.get((src.dtype.name, dst.dtype.name))
+    if (kind is None or src.ndim < 2 or dst.shape != (*src.shape[:-2], src.shape[-1], src.shape[-2])
+            or not (src.flags.c_contiguous and dst.flags.c_contiguous) or not on()):
+        return False
+    rows, cols = src.shape[-2:]
+    function = _library.MoecliTranspose
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return function(src.ctypes.data, dst.ctypes.data, src.size // max(rows * cols, 1), rows, cols, kind) == 0
+
+
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., k] @ w [k, n] for a few rows (decoding), w float32 or bfloat16."""
     return _product("moecli_matvec", x, w)

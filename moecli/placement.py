@@ -10,7 +10,6 @@ each process keeps only the experts of its own devices.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -28,9 +27,9 @@ class Placer:
 
     def whole(self, module: str, param: str, array: np.ndarray) -> None:
         """A complete parameter (fused expert stacks included)."""
-        array = array.astype(self.dtype)
+        array = host_array(array, self.dtype)
         if self.mesh is None:
-            self.params[module][param] = jnp.asarray(array)
+            self.params[module][param] = jax.device_put(array, self.devices[0])
         else:
             self.params[module][param] = jax.make_array_from_callback(
                 array.shape, sharding_for(self.mesh, module, param), lambda index: array[index])
@@ -47,8 +46,8 @@ class Placer:
             return  # another process's device: that process keeps it
         key = (module, param, d)
         if key not in self.buffers:
-            self.buffers[key] = np.empty((per_device, *shape[1:]), self.dtype)
-        self.buffers[key][e - d * per_device] = array
+            self.buffers[key] = aligned_empty((per_device, *shape[1:]), self.dtype)
+        copy_into(self.buffers[key][e - d * per_device], array)
         if filled[d * per_device:(d + 1) * per_device].all():
             self._place(module, param, d, self.buffers.pop(key), split)
 
@@ -71,3 +70,34 @@ class Placer:
     def first_missing_expert(self, module: str, param: str) -> int:
         filled = self.filled.get((module, param))
         return 0 if filled is None else int(np.argmin(filled))
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """np.empty, 64-byte aligned: on CPU, jax.device_put adopts such an array without copying it
+    (numpy's own large arrays start 16 bytes into a page, and were copied)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(int(np.prod(shape)) * dtype.itemsize + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src, cast to dst's dtype. The checkpoint's [out, in] weights arrive as transposed
+    views; those go through the CPU kernels' tiled transpose where it applies (numpy's copy of a
+    transposed view reads one element per cache line: ~1 GB/s)."""
+    untransposed = np.swapaxes(src, -1, -2) if src.ndim >= 2 else src
+    if src.ndim >= 2 and not src.flags.c_contiguous and untransposed.flags.c_contiguous:
+        from moecli import cpu_kernels
+
+        if cpu_kernels.transpose_into(dst, untransposed):
+            return
+    np.copyto(dst, src, casting="unsafe")
+
+
+def host_array(array: np.ndarray, dtype) -> np.ndarray:
+    """`array` as a C-contiguous, 64-byte aligned array of `dtype`, copied only if it is not one."""
+    if array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
+        return array
+    out = aligned_empty(array.shape, dtype)
+    copy_into(out, array)
+    return out

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -108,3 +110,21 @@ def test_parameter_counts_match_transformers():
         hf = build(model_type, **kw)
         ours = config_from_hf(hf.config.to_dict())
         assert ours.parameter_counts()[0] == sum(p.numel() for p in hf.parameters()), model_type
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])  # C copy, C widening, numpy
+def test_placed_weights_are_the_transposed_checkpoint_and_adopted_without_a_copy(dtype):
+    """copy_into transposes a checkpoint's [out, in] view exactly (tiled C copy or numpy), and an
+    aligned contiguous array reaches the CPU device without a copy (the loader's memory peak)."""
+    from moecli.placement import aligned_empty, copy_into, host_array
+
+    src = np.random.default_rng(0).standard_normal((3, 70, 130)).astype(dtype)
+    dst = aligned_empty((3, 130, 70), np.float32)
+    assert dst.ctypes.data % 64 == 0
+    copy_into(dst, np.swapaxes(src, -1, -2))
+    np.testing.assert_array_equal(dst, np.swapaxes(src, -1, -2).astype(np.float32))
+    assert host_array(dst, np.float32) is dst
+    if jax.default_backend() == "cpu":
+        assert jax.device_put(dst, jax.devices()[0]).unsafe_buffer_pointer() == dst.ctypes.data
+    converted = host_array(np.swapaxes(src, -1, -2), np.float32)
+    np.testing.assert_array_equal(converted, dst)

@@ -217,3 +217,20 @@ print(abs(got - want) / abs(want))
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-4
 
+
+
+@pytest.mark.parametrize("shape", [(3, 70, 130), (1, 64, 64), (2, 1, 5), (129, 3)])
+@pytest.mark.parametrize("source,target", [("float32", "float32"), ("bfloat16", "bfloat16"), ("bfloat16", "float32")])
+def test_transpose_into_equals_numpy(shape, source, target):
+    """The loader's tiled transpose (csrc/transpose.cc), sizes off its 64-element tiles."""
+    src = np.random.default_rng(0).standard_normal(shape).astype(jnp.dtype(source))
+    dst = np.full((*shape[:-2], shape[-1], shape[-2]), -1, jnp.dtype(target))
+    assert cpu_kernels.transpose_into(dst, src)
+    np.testing.assert_array_equal(dst, np.swapaxes(src, -1, -2).astype(jnp.dtype(target)))
+
+
+def test_transpose_into_declines_what_it_cannot_do():
+    src = np.ones((4, 6), np.float32)
+    assert not cpu_kernels.transpose_into(np.zeros((6, 4), np.float16), src)        # another dtype
+    assert not cpu_kernels.transpose_into(np.zeros((4, 6), np.float32), src)        # not the transposed shape
+    assert not cpu_kernels.transpose_into(np.zeros((3, 4), np.float32), src[:, ::2])  # not contiguous
