@@ -35,10 +35,11 @@ def experts_reference(x, w_gate, w_up, w_down, routing, n_experts, bf16_activati
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("tokens,d,f", [(1, 20, 36), (3, 20, 36), (40, 20, 36), (100, 300, 140)])
+@pytest.mark.parametrize("tokens,d,f", [(1, 20, 36), (3, 20, 36), (40, 20, 36), (100, 300, 140), (30, 600, 530)])
 def test_experts_kernel_equals_dense_reference(tokens, d, f, dtype):
     """Up to 8 tokens: the decoding kernel; more: the grouped one. Sizes off every block size
-    (4, 16, 32, 128, 256), so every loop's tail runs; 300 spans two blocks of depth."""
+    (4, 16, 32, 128, 256, 512), so every loop's tail runs; 300 spans two blocks of depth, 530 and
+    600 two of the grouped kernel's 512-column work items."""
     n_experts, top_k = 6, 3
     k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(tokens), 5)
     x = jax.random.normal(k1, (tokens, d))

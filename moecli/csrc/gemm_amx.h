@@ -51,7 +51,8 @@ inline uint16_t to_bfloat16(float v) {  // round to nearest even (inputs are fin
 
 struct AmxEngine {
   static constexpr int kRows = 16;       // rows per sliver: one A tile
-  static constexpr int64_t kCols = 128;  // columns packed per work item (the caller's kNC)
+  static constexpr int64_t kCols = 128;  // columns packed per work item, at most (the caller's kNC)
+  static constexpr int64_t kExpertCols = kCols;
   using A = uint16_t;
   static int64_t row_size(int64_t K) { return (K + 31) / 32 * 32; }  // packed A: K padded to whole tiles
 
@@ -70,14 +71,15 @@ struct AmxEngine {
   }
 
 #ifdef MOECLI_HAS_AMX
-  // C[:, n0:n0+kCols] = A @ w[:, n0:n0+kCols] for `slivers` packed slivers, w [K, N] bfloat16.
-  static void gemm(const A* a, int64_t slivers, int64_t K, const uint16_t* w, int64_t N, int64_t n0, float* c,
-                   int64_t ldc) {
-    const int64_t kp = row_size(K), groups = (std::min(kCols, N - n0) + 15) / 16;  // 16-column B tiles
+  // C[:, n0:n0+width] = A @ w[:, n0:n0+width] for `slivers` packed slivers, w [K, N] bfloat16,
+  // width <= kCols.
+  static void gemm(const A* a, int64_t slivers, int64_t K, const uint16_t* w, int64_t N, int64_t n0,
+                   int64_t width, float* c, int64_t ldc) {
+    width = std::min({width, kCols, N - n0});
+    const int64_t kp = row_size(K), groups = (width + 15) / 16;  // 16-column B tiles
     uint16_t* b = static_cast<uint16_t*>(thread_buffer<AmxEngine>(kp * kCols * sizeof(uint16_t)));
     // B in VNNI layout: group g, row k/2, column j -> (w[k, n0 + 16g + j], w[k + 1, ...]). Read two
     // rows of w at a time, all the block's columns, asking ahead for the rows after (see gemm_fp32.h).
-    const int64_t width = std::min(kCols, N - n0);
     for (int64_t k2 = 0; k2 < kp / 2; ++k2) {
       const int64_t k = 2 * k2;
       const uint16_t* r0 = w + k * N + n0;
@@ -161,7 +163,9 @@ struct AmxEngine {
     if (R == 2 && G == 2) _tile_stored(3, c + kRows * ldc + 16, ldc * 4);
   }
 #else
-  static void gemm(const A*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t) { std::abort(); }
+  static void gemm(const A*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {
+    std::abort();
+  }
 #endif
 };
 
