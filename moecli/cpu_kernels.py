@@ -178,11 +178,12 @@ _TRANSPOSE_KINDS = {("float32", "float32"): 0, ("bfloat16", "bfloat16"): 1, ("bf
 def transpose_into(dst: np.ndarray, src: np.ndarray) -> bool:
     """dst[...] = src with its last two axes swapped (and bfloat16 widened to a float32 dst), by the
     tiled copy of csrc/transpose.cc: ~4x numpy's on the development VM, which made transposing
-    half of loading a checkpoint. Both arrays C-contiguous. Returns False, copying nothing, where
-    it does not apply (not on CPU, kernels unavailable, other dtypes): the caller copies."""
+    half of loading a checkpoint. Both arrays C-contiguous. Used on any backend (the host reads the
+    checkpoint either way), so on a GPU machine it builds the library too. Returns False, copying
+    nothing, where it does not apply (kernels unavailable or off, other dtypes): the caller copies."""
     kind = _TRANSPOSE_KINDS.get((src.dtype.name, dst.dtype.name))
     if (kind is None or src.ndim < 2 or dst.shape != (*src.shape[:-2], src.shape[-1], src.shape[-2])
-            or not (src.flags.c_contiguous and dst.flags.c_contiguous) or not on()):
+            or not (src.flags.c_contiguous and dst.flags.c_contiguous) or not available()):
         return False
     rows, cols = src.shape[-2:]
     function = _library.MoecliTranspose
