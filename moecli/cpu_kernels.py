@@ -12,9 +12,10 @@ XLA:CPU is fast at one large matrix product but slow where a MoE model spends it
 - attention (csrc/attention.cc): XLA computes and masks scores over the whole fixed-size cache;
   the kernel visits only the keys each query may see (online softmax, as in FlashAttention).
 They are XLA FFI custom calls (`jax.ffi`), so they compose with jit, scan and the rest of the
-model (one more, the loader's transpose in csrc/transpose.cc, is a plain C function called through
-ctypes: `transpose_into`); the pure-JAX paths in `moe.py` and `layers.py` compute the same thing, are what the tests
-compare them against, and give the gradients (`with_reference_gradient`). Numbers in BENCHMARKS.md.
+model; the pure-JAX paths in `moe.py` and `layers.py` compute the same thing, are what the tests
+compare them against, and give the gradients (`with_reference_gradient`). One more, the loader's
+transpose (csrc/transpose.cc, `transpose_into`), is a plain C function called through ctypes.
+Numbers in BENCHMARKS.md.
 
 The shared library is built with the system C++ compiler ($CXX, else g++ or c++) into moecli's
 cache folder the first time it is needed (~15 s), keyed by the sources, the jaxlib version and the
