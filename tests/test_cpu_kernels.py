@@ -147,6 +147,7 @@ def test_failed_build_falls_back(tmp_path):
     (1, 70, 70, 0, None, 20),     # a prompt, no cache: head_dim off the vector width, 2 key blocks
     (4, 37, 150, 100, None, 64),  # a chunk after a filled prefix; the query blocks' tail
     (2, 30, 64, 10, 7, 16),       # sliding window
+    (3, 41, 100, 0, None, 128),   # 3 heads a kv head: steps of six rows mix positions; head_dim 128
     # up to 8 positions (decoding) take the chunked path, 1024 keys a chunk:
     (2, 1, 3000, 2500, None, 64),  # three chunks, the last one partly filled
     (2, 8, 1100, 1020, None, 64),  # queries whose keys all lie in the first chunk

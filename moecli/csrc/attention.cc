@@ -29,36 +29,36 @@ namespace ffi = xla::ffi;
 constexpr int64_t kKeys = 64;    // keys per block: the block's keys and values stay in L1
 constexpr int64_t kQueries = 64;  // query positions per work item (times the group's heads)
 using Vec = moecli::Vec16;
+using Vec16i = moecli::Vec16i;
+constexpr Vec16i kLaneIndex = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 constexpr int kLanes = sizeof(Vec) / sizeof(float);
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// For P query rows (heads sharing a kv head, at one position): s[p] = q[p] @ block, the block of
-// keys packed as [d][kKeys]. Each key vector is loaded once for all P rows. Two sets of
-// accumulators (even and odd i): one set alone is a chain of dependent adds, half the FMA speed.
+// Query rows per step of a prompt's attention: their scores against a block of keys are a 6 x 64
+// register tile (24 of the 32 AVX-512 registers), each key vector loaded once for all six rows.
+// (Two rows at a time, loading a key vector per two multiply-adds, ran at ~half the speed.)
+constexpr int kRowsPerStep = 6;
+
+// s[p] = q[p] @ block for P query rows, the block of keys packed as [d][kKeys].
 template <int P>
 void block_scores(const float* const* q, const float* block, int64_t d, float (*s)[kKeys]) {
   constexpr int kV = kKeys / kLanes;
-  Vec acc[2][P][kV] = {};
-  auto step = [&](int set, int64_t i) {
+  Vec acc[P][kV] = {};
+  for (int64_t i = 0; i < d; ++i) {
 #pragma GCC unroll 8
     for (int c = 0; c < kV; ++c) {
       const Vec key = moecli::load16(block + i * kKeys + c * kLanes);
-#pragma GCC unroll 2
-      for (int p = 0; p < P; ++p) acc[set][p][c] += q[p][i] * key;
+#pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) acc[p][c] += q[p][i] * key;
     }
-  };
-  int64_t i = 0;
-  for (; i + 2 <= d; i += 2) step(0, i), step(1, i + 1);
-  if (i < d) step(0, i);
+  }
   for (int p = 0; p < P; ++p)
-    for (int c = 0; c < kV; ++c) {
-      const Vec sum = acc[0][p][c] + acc[1][p][c];
-      std::memcpy(s[p] + c * kLanes, &sum, sizeof sum);
-    }
+    for (int c = 0; c < kV; ++c) std::memcpy(s[p] + c * kLanes, &acc[p][c], sizeof(Vec));
 }
 
 // o[p] = o[p] * alpha[p] + probs[p][j0:j1] @ values[j0:j1, :] for P rows, each value vector loaded
 // once for all rows; o held in registers when d is a multiple of the vector width (kVecs
-// vectors; 0 = any d, plain loops), in two sets of accumulators while that fits in 16 registers.
+// vectors; 0 = any d, plain loops).
 template <int kVecs, int P>
 void block_values(const float (*probs)[kKeys], const float* values, int64_t d, int64_t j0, int64_t j1,
                   const float* alpha, float* const* o) {
@@ -68,97 +68,113 @@ void block_values(const float (*probs)[kKeys], const float* values, int64_t d, i
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t c = 0; c < d; ++c) o[p][c] += probs[p][j] * values[j * d + c];
     }
+  } else if constexpr (P * kVecs > 24) {  // too many accumulators for the registers: halves
+    block_values<kVecs, P / 2>(probs, values, d, j0, j1, alpha, o);
+    block_values<kVecs, P - P / 2>(probs + P / 2, values, d, j0, j1, alpha + P / 2, o + P / 2);
   } else {
-    constexpr int kSets = P * kVecs <= 8 ? 2 : 1;
-    Vec acc[kSets][P][kVecs] = {};
+    Vec acc[P][kVecs];
     for (int p = 0; p < P; ++p)
-      for (int c = 0; c < kVecs; ++c) acc[0][p][c] = moecli::load16(o[p] + c * kLanes) * alpha[p];
-    auto step = [&](int set, int64_t j) {
+      for (int c = 0; c < kVecs; ++c) acc[p][c] = moecli::load16(o[p] + c * kLanes) * alpha[p];
+    for (int64_t j = j0; j < j1; ++j) {
 #pragma GCC unroll 16
       for (int c = 0; c < kVecs; ++c) {
         const Vec value = moecli::load16(values + j * d + c * kLanes);
-#pragma GCC unroll 2
-        for (int p = 0; p < P; ++p) acc[set][p][c] += probs[p][j] * value;
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) acc[p][c] += probs[p][j] * value;
       }
-    };
-    int64_t j = j0;
-    for (; j + 2 <= j1; j += 2) step(0, j), step(kSets - 1, j + 1);
-    if (j < j1) step(0, j);
+    }
     for (int p = 0; p < P; ++p)
-      for (int c = 0; c < kVecs; ++c) {
-        const Vec sum = kSets == 2 ? acc[0][p][c] + acc[kSets - 1][p][c] : acc[0][p][c];
-        std::memcpy(o[p] + c * kLanes, &sum, sizeof sum);
-      }
+      for (int c = 0; c < kVecs; ++c) std::memcpy(o[p] + c * kLanes, &acc[p][c], sizeof(Vec));
   }
 }
 
-// P query rows' step through a block of keys, of which [j0, j1) are visible to them: each row's
-// running max m and sum l of the exponentiated scores and its unnormalised output o [d] take the
-// block in (online softmax).
-template <int kVecs, int P>
-void attend_block(const float* const* q, const float* key_block, const float* values, int64_t d, int64_t j0,
-                  int64_t j1, float* m, float* l, float* const* o) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
+// One query row of a step: its q and unnormalised output o [d], its running max m and sum l of
+// the exponentiated scores (online softmax), and the keys of the current block it may see.
+struct Row {
+  const float* q;
+  float *o, *m, *l;
+  int64_t j0, j1;
+};
+
+// kRowsPerStep rows' step through a block of keys: each row's m, l and o take the block in.
+template <int kVecs>
+void attend_block(const Row* rows, const float* key_block, const float* values, int64_t d) {
+  constexpr int P = kRowsPerStep;
   alignas(64) float s[P][kKeys];
+  const float* q[P];
+  float* o[P];
   float alpha[P];
+  int64_t j0 = kKeys, j1 = 0;  // the keys any of the rows sees
+  for (int p = 0; p < P; ++p) {
+    q[p] = rows[p].q, o[p] = rows[p].o;
+    j0 = std::min(j0, rows[p].j0), j1 = std::max(j1, rows[p].j1);
+  }
   block_scores<P>(q, key_block, d, s);
   for (int p = 0; p < P; ++p) {
-    for (int64_t j = 0; j < kKeys; ++j) s[p][j] = j >= j0 && j < j1 ? s[p][j] : -kInf;
-    Vec vmax = Vec{} + m[p];  // max and sum a vector at a time (a scalar loop: ~4 cycles a key)
+    const Row& row = rows[p];
+    if (row.j0 > 0 || row.j1 < kKeys)  // a block on the diagonal (or a window's edge): mask
+      for (int64_t j = 0; j < kKeys; j += kLanes) {
+        const Vec16i key = kLaneIndex + int32_t(j);
+        const Vec sj = moecli::load16(s[p] + j);
+        moecli::store16(s[p] + j, key >= int32_t(row.j0) && key < int32_t(row.j1) ? sj : Vec{} - kInf);
+      }
+    Vec vmax = Vec{} + *row.m;  // max and sum a vector at a time (a scalar loop: ~4 cycles a key)
     for (int64_t j = 0; j < kKeys; j += kLanes) {
       const Vec sj = moecli::load16(s[p] + j);
       vmax = sj > vmax ? sj : vmax;
     }
-    float m_new = m[p];
-    for (int c = 0; c < kLanes; ++c) m_new = std::max(m_new, vmax[c]);
+    const float m_new = moecli::max16(vmax);
     Vec vsum = {};
-    for (int64_t j = 0; j < kKeys; j += kLanes) {  // probabilities, unnormalised (~0 where masked)
+    for (int64_t j = 0; j < kKeys; j += kLanes) {  // probabilities, unnormalised (0 where masked)
       const Vec prob = moecli::exp16(moecli::load16(s[p] + j) - m_new);
       std::memcpy(s[p] + j, &prob, sizeof prob);
       vsum += prob;
     }
-    float sum = 0.f;
-    for (int c = 0; c < kLanes; ++c) sum += vsum[c];
-    alpha[p] = std::exp(m[p] - m_new);  // rescales what the earlier blocks added up
-    l[p] = l[p] * alpha[p] + sum;
-    m[p] = m_new;
+    const float sum = moecli::sum16(vsum);
+    alpha[p] = std::exp(*row.m - m_new);  // rescales what the earlier blocks added up
+    *row.l = *row.l * alpha[p] + sum;
+    *row.m = m_new;
   }
   block_values<kVecs, P>(s, values, d, j0, j1, alpha, o);
 }
 
 // Query positions i0..i1 of every head in kv group `head`: the keys they may see, a block at a
 // time (packed contiguously: rows of the cache's keys are a whole cache length apart, and a
-// block's 64 strided rows fight over a few L1 sets). The group's heads go two at a time: at one
-// position they see the same keys.
+// block's 64 strided rows fight over a few L1 sets), six query rows at a time (any mix of heads
+// and positions: each row masks the keys it may not see).
 template <int kVecs>
 void attend_rows(const float* qs, const float* ks, const float* vs, int64_t group, int64_t t, int64_t d,
                  int64_t len, int64_t first, int64_t window, int64_t head, int64_t i0, int64_t i1, float* os) {
   const float *keys = ks + head * d * len, *values = vs + head * len * d;
-  const int64_t width = i1 - i0, rows = group * width;  // state row (i - i0) * group + h: heads side by side
-  std::vector<float> m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.f);
-  std::vector<float> key_block(d * kKeys);
+  const int64_t width = i1 - i0, n_rows = group * width;  // state row (i - i0) * group + h
+  std::vector<float> m(n_rows, -kInf), l(n_rows, 0.f);
+  std::vector<float> key_block(d * kKeys), spare_o(d), spare_q(d, 0.f);
+  float spare_m = 0.f, spare_l = 0.f;
+  const Row spare{spare_q.data(), spare_o.data(), &spare_m, &spare_l, 0, 1};  // pads a step's last rows
   auto at = [&](int64_t h, int64_t i) { return ((head * group + h) * t + i) * d; };  // offset of a row
   for (int64_t h = 0; h < group; ++h) std::fill(os + at(h, i0), os + at(h, i0) + width * d, 0.f);
   const int64_t lo = window > 0 ? std::max<int64_t>(0, first + i0 - window + 1) : 0;
   const int64_t hi = std::min(len, first + i1);  // past the last query's position
+  Row step[kRowsPerStep];
   for (int64_t b0 = lo; b0 < hi; b0 += kKeys) {
     const int64_t n = std::min(kKeys, hi - b0);
     for (int64_t i = 0; i < d; ++i)
       for (int64_t j = 0; j < kKeys; ++j) key_block[i * kKeys + j] = j < n ? keys[i * len + b0 + j] : 0.f;
+    int filled = 0;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t pos = first + i;
       const int64_t k0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, k1 = std::min(len, pos + 1);
       const int64_t j0 = std::max<int64_t>(k0 - b0, 0), j1 = std::min<int64_t>(k1 - b0, n);
-      if (j0 >= j1) continue;
-      for (int64_t h = 0; h < group; h += 2) {
+      if (j0 >= j1) continue;  // no key of this block is visible from here
+      for (int64_t h = 0; h < group; ++h) {
         const int64_t r = (i - i0) * group + h;
-        const float* q[2] = {qs + at(h, i), h + 1 < group ? qs + at(h + 1, i) : nullptr};
-        float* o[2] = {os + at(h, i), h + 1 < group ? os + at(h + 1, i) : nullptr};
-        if (h + 1 < group)
-          attend_block<kVecs, 2>(q, key_block.data(), values + b0 * d, d, j0, j1, &m[r], &l[r], o);
-        else
-          attend_block<kVecs, 1>(q, key_block.data(), values + b0 * d, d, j0, j1, &m[r], &l[r], o);
+        step[filled++] = {qs + at(h, i), os + at(h, i), &m[r], &l[r], j0, j1};
+        if (filled == kRowsPerStep) attend_block<kVecs>(step, key_block.data(), values + b0 * d, d), filled = 0;
       }
+    }
+    if (filled > 0) {
+      for (int p = filled; p < kRowsPerStep; ++p) step[p] = spare, spare_m = 0.f, spare_l = 0.f;
+      attend_block<kVecs>(step, key_block.data(), values + b0 * d, d);
     }
   }
   for (int64_t h = 0; h < group; ++h)
@@ -178,8 +194,7 @@ float max_of(const float* s, int64_t a, int64_t b, float init) {
     const Vec sj = moecli::load16(s + j);
     vmax = sj > vmax ? sj : vmax;
   }
-  float m = init;
-  for (int c = 0; c < kLanes; ++c) m = std::max(m, vmax[c]);
+  float m = moecli::max16(vmax);
   for (; j < b; ++j) m = std::max(m, s[j]);
   return m;
 }
@@ -192,7 +207,6 @@ float max_of(const float* s, int64_t a, int64_t b, float init) {
 // Between chunks, the same online softmax as attend_block.
 void attend_few(const float* qs, const float* ks, const float* vs, int64_t group, int64_t t, int64_t d, int64_t len,
                 int64_t first, int64_t window, int64_t head, float* os) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
   const int64_t rows = group * t;  // row h * t + i: head h at position first + i
   const float *q = qs + head * rows * d, *keys = ks + head * d * len, *values = vs + head * len * d;
   float* o = os + head * rows * d;

@@ -66,6 +66,22 @@ inline Vec16 load16(const uint16_t* p) {  // 16 bfloat16 values, widened
 
 inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof v); }
 
+// The largest and the sum of a vector's 16 lanes, in four halving steps (a loop over the lanes
+// compiles to 15 dependent scalar operations and a shuffle for each).
+inline Vec16 fold16(Vec16 v, bool take_max) {
+  constexpr Vec16i kSwap[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                               {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                               {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                               {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+  for (const Vec16i& swap : kSwap) {
+    const Vec16 w = __builtin_shuffle(v, swap);
+    v = take_max ? (v > w ? v : w) : v + w;
+  }
+  return v;
+}
+inline float max16(Vec16 v) { return fold16(v, true)[0]; }
+inline float sum16(Vec16 v) { return fold16(v, false)[0]; }
+
 // Lanes of (a, b) that interleave them: a0 b0 a1 b1 ... (low half), a8 b8 ... (high half).
 inline constexpr Vec16i kInterleaveLow = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
 inline constexpr Vec16i kInterleaveHigh = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};

@@ -69,7 +69,8 @@ ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   // Work items go to the threads in order, largest experts first, so the last ones are small.
   std::vector<int64_t> by_size(n_experts);
   for (int64_t e = 0; e < n_experts; ++e) by_size[e] = e;
-  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return first[a + 1] - first[a] > first[b + 1] - first[b]; });
+  std::stable_sort(by_size.begin(), by_size.end(),
+                   [&](int64_t a, int64_t b) { return first[a + 1] - first[a] > first[b + 1] - first[b]; });
 
   // 2. Pack the tokens' inputs as A slivers (packed rows of E::row_size(d) elements).
   constexpr int64_t cols = E::kExpertCols;  // columns per work item
