@@ -98,16 +98,23 @@ def available() -> bool:
     return True
 
 
-def amx() -> bool:
-    """Whether bfloat16 prompts run on the CPU's AMX tiles (csrc/gemm_amx.h); MOECLI_CPU_AMX=0 says no."""
-    return available() and bool(_library.MoecliAmxReady())
+BF16_ENGINES = ("amx", "dpbf16", "float32")  # csrc/grouped_gemm.cc's bf16_engine(), best first
+
+
+def bf16_engine() -> str | None:
+    """What multiplies a prompt's bfloat16 weights: "amx" (AMX tiles, csrc/gemm_amx.h), "dpbf16"
+    (AVX512-BF16 dot products, csrc/gemm_dpbf16.h) or "float32" (widened to float32); the first
+    two round activations to bfloat16. The best the CPU has, unless MOECLI_CPU_BF16 names a lower
+    one. None without the kernels."""
+    return BF16_ENGINES[_library.MoecliBf16Engine()] if available() else None
 
 
 def status() -> str:
     """One line for --verbose: are the kernels in use, and if not, why."""
     if not available():
         return f"CPU kernels: off ({_why_not})"
-    return "CPU kernels: on" + (" (AMX for bfloat16 prompts)" if amx() else "")
+    engine = {"amx": "AMX tiles", "dpbf16": "AVX512-BF16"}.get(bf16_engine())
+    return "CPU kernels: on" + (f" (bfloat16 prompts on {engine})" if engine else "")
 
 
 def _require() -> None:
@@ -169,7 +176,7 @@ def _product(target: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., k] @ w [k, n] for a prompt's rows, w float32 or bfloat16 (on AMX where `amx()`)."""
+    """x [..., k] @ w [k, n] for a prompt's rows, w float32 or bfloat16 (see `bf16_engine`)."""
     return _product("moecli_matmul", x, w)
 
 

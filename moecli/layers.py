@@ -23,7 +23,7 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     kernels in `moecli.cpu_kernels`: decoding as matrix-vector products (XLA:CPU streams float32
     weights ~20% slower, and converts bfloat16 ones to a float32 copy in memory first, ~20x
     slower), a prompt as a packed matrix product (~1.2x XLA's float32 dot one after another; with
-    bfloat16 weights on AMX tiles where the CPU has them, ~2x XLA's bfloat16 dot)."""
+    bfloat16 weights on AMX tiles or AVX512-BF16 where the CPU has them, ~2x XLA's bfloat16 dot)."""
     from moecli import cpu_kernels
 
     out_dtype = out_dtype or x.dtype

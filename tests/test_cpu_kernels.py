@@ -25,7 +25,7 @@ def upcast(*arrays):
 
 def experts_reference(x, w_gate, w_up, w_down, routing, n_experts, bf16_activations=False):
     """experts_dense in float32; with bf16_activations, rounding the inputs and the hidden
-    activations to bfloat16 first, as the AMX path does."""
+    activations to bfloat16 first, as the AMX and AVX512-BF16 engines do."""
     r = (lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)) if bf16_activations else (lambda a: a)
     w_gate, w_up, w_down = upcast(w_gate, w_up, w_down)
     hidden = jax.nn.silu(jnp.einsum("td,edf->tef", r(x), w_gate)) * jnp.einsum("td,edf->tef", r(x), w_up)
@@ -47,42 +47,55 @@ def test_experts_kernel_equals_dense_reference(tokens, d, f, dtype):
     w_down = (jax.random.normal(k4, (n_experts, f, d)) * 2 / f ** 0.5).astype(dtype)
     routing = route(x[None], jax.random.normal(k5, (d, n_experts)), top_k, True)
     flat = type(routing)(*(t[0] for t in routing))
-    amx = dtype == jnp.bfloat16 and tokens > cpu_kernels.DECODE_ROWS and cpu_kernels.amx()
-    tolerance = dict(rtol=1e-3, atol=1e-2) if amx else dict(rtol=1e-4, atol=1e-3)
-    want = experts_reference(x, w_gate, w_up, w_down, flat, n_experts, amx)
+    rounded = dtype == jnp.bfloat16 and tokens > cpu_kernels.DECODE_ROWS and cpu_kernels.bf16_engine() != "float32"
+    tolerance = dict(rtol=1e-3, atol=1e-2) if rounded else dict(rtol=1e-4, atol=1e-3)
+    want = experts_reference(x, w_gate, w_up, w_down, flat, n_experts, rounded)
     got = jax.jit(cpu_kernels.experts)(x, flat.experts, flat.weights, w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tolerance)
     # Ids outside [0, n_experts) are another device's experts: skipped.
     n_local = 4
     here = flat.experts < n_local
     local = flat._replace(experts=jnp.where(here, flat.experts, n_local), weights=jnp.where(here, flat.weights, 0.0))
-    want = experts_reference(x, w_gate, w_up, w_down, local._replace(experts=jnp.minimum(local.experts, 5)), 6, amx)
+    want = experts_reference(x, w_gate, w_up, w_down, local._replace(experts=jnp.minimum(local.experts, 5)), 6, rounded)
     got = cpu_kernels.experts(x, local.experts, local.weights, w_gate[:n_local], w_up[:n_local], w_down[:n_local])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **tolerance)
 
 
-@pytest.mark.skipif(not cpu_kernels.amx(), reason="no AMX on this CPU: the bfloat16 test above ran the float32 engine")
-def test_bfloat16_prompt_without_amx_uses_the_float32_engine():
-    """MOECLI_CPU_AMX=0: bfloat16 weights widened to float32, activations not rounded."""
+@pytest.mark.parametrize("cap", cpu_kernels.BF16_ENGINES)
+def test_every_bfloat16_prompt_engine_equals_its_reference(cap):
+    """MOECLI_CPU_BF16=cap: the best engine for bfloat16 weights at or below `cap` that the CPU
+    has (never one above it) multiplies a prompt's experts and dense products. AMX and
+    AVX512-BF16 round the activations to bfloat16; the float32 engine widens the weights instead
+    and rounds nothing. Sizes off every block: odd depths (pairs), 300 > one 256-row block."""
     code = """if True:
         import jax, jax.numpy as jnp, numpy as np
         from moecli import cpu_kernels
         from test_cpu_kernels import experts_reference, route
-        ks = jax.random.split(jax.random.PRNGKey(0), 5)
-        x = jax.random.normal(ks[0], (50, 40))
-        w_gate, w_up = ((jax.random.normal(k, (4, 40, 70)) / 6).astype(jnp.bfloat16) for k in ks[1:3])
-        w_down = (jax.random.normal(ks[3], (4, 70, 40)) / 8).astype(jnp.bfloat16)
-        routing = route(x[None], jax.random.normal(ks[4], (40, 4)), 2, True)
+        rounded = cpu_kernels.bf16_engine() != "float32"
+        r = (lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)) if rounded else (lambda a: a)
+        ks = jax.random.split(jax.random.PRNGKey(0), 6)
+        x = jax.random.normal(ks[0], (50, 41))
+        w_gate, w_up = ((jax.random.normal(k, (4, 41, 70)) / 6).astype(jnp.bfloat16) for k in ks[1:3])
+        w_down = (jax.random.normal(ks[3], (4, 70, 41)) / 8).astype(jnp.bfloat16)
+        routing = route(x[None], jax.random.normal(ks[4], (41, 4)), 2, True)
         flat = type(routing)(*(t[0] for t in routing))
         got = cpu_kernels.experts(x, flat.experts, flat.weights, w_gate, w_up, w_down)
-        want = experts_reference(x, w_gate, w_up, w_down, flat, 4)
-        print(cpu_kernels.amx(), float(jnp.max(jnp.abs(got - want))))
+        want = experts_reference(x, w_gate, w_up, w_down, flat, 4, rounded)
+        errors = [float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))]
+        for rows, k, n in [(9, 20, 36), (300, 301, 130), (13, 33, 17)]:
+            xm = jax.random.normal(ks[5], (rows, k))
+            w = jax.random.normal(ks[4], (k, n)).astype(jnp.bfloat16)
+            want = r(xm) @ w.astype(jnp.float32)
+            errors.append(float(jnp.max(jnp.abs(jax.jit(cpu_kernels.matmul)(xm, w) - want)) / jnp.max(jnp.abs(want))))
+        print(cpu_kernels.bf16_engine(), max(errors))
     """
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOECLI_CPU_AMX": "0"}, cwd=Path(__file__).parent,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOECLI_CPU_BF16": cap},
+                         cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    amx, error = out.stdout.split()
-    assert amx == "False" and float(error) < 1e-4
+    engine, error = out.stdout.split()
+    best = cpu_kernels.BF16_ENGINES.index(cpu_kernels.bf16_engine())  # this process: no cap
+    assert cpu_kernels.BF16_ENGINES.index(engine) == max(best, cpu_kernels.BF16_ENGINES.index(cap))
+    assert float(error) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -184,16 +197,6 @@ def test_gradients_through_the_kernels_are_the_reference_ones(monkeypatch):
     without = jax.grad(loss)(params)
     for got, want in zip(jax.tree_util.tree_leaves(with_kernels), jax.tree_util.tree_leaves(without)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.skipif(not cpu_kernels.amx(), reason="no AMX on this CPU")
-@pytest.mark.parametrize("rows,k,n", [(9, 20, 36), (300, 70, 130)])
-def test_amx_matmul_equals_rounded_reference(rows, k, n):
-    x = jax.random.normal(jax.random.PRNGKey(0), (rows, k))
-    w = jax.random.normal(jax.random.PRNGKey(1), (k, n)).astype(jnp.bfloat16)
-    got = jax.jit(cpu_kernels.matmul)(x, w)
-    want = x.astype(jnp.bfloat16).astype(jnp.float32) @ w.astype(jnp.float32)  # AMX rounds x to bfloat16
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-3)
 
 
 def test_independent_kernel_calls_run_side_by_side():

@@ -25,15 +25,14 @@
 #include <memory>
 
 #include "common.h"
+#include "gemm_dpbf16.h"  // to_bfloat16, pack_pairs
 
 namespace moecli {
 
-// Whether this build and this process may use AMX (asks the kernel once). MOECLI_CPU_AMX=0 says no.
+// Whether this build and this process may use AMX (asks the kernel once).
 inline bool amx_ready() {
 #ifdef MOECLI_HAS_AMX
   static const bool ready = [] {
-    const char* env = std::getenv("MOECLI_CPU_AMX");
-    if (env && std::strcmp(env, "0") == 0) return false;
     constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
@@ -41,12 +40,6 @@ inline bool amx_ready() {
 #else
   return false;
 #endif
-}
-
-inline uint16_t to_bfloat16(float v) {  // round to nearest even (inputs are finite)
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
 struct AmxEngine {
@@ -78,29 +71,8 @@ struct AmxEngine {
     width = std::min({width, kCols, N - n0});
     const int64_t kp = row_size(K), groups = (width + 15) / 16;  // 16-column B tiles
     uint16_t* b = static_cast<uint16_t*>(thread_buffer<AmxEngine>(kp * kCols * sizeof(uint16_t)));
-    // B in VNNI layout: group g, row k/2, column j -> (w[k, n0 + 16g + j], w[k + 1, ...]). Read two
-    // rows of w at a time, all the block's columns, asking ahead for the rows after (see gemm_fp32.h).
-    for (int64_t k2 = 0; k2 < kp / 2; ++k2) {
-      const int64_t k = 2 * k2;
-      const uint16_t* r0 = w + k * N + n0;
-      const uint16_t* r1 = k + 1 < K ? r0 + N : nullptr;  // past K: zeros
-      for (int64_t j = 0; j < width; j += 32) __builtin_prefetch(r0 + 16 * N + j), __builtin_prefetch(r0 + 17 * N + j);
-      for (int64_t g = 0; g < groups; ++g) {
-        uint16_t* dst = b + (g * (kp / 2) + k2) * 32;
-        if (k < K && r1 && 16 * g + 16 <= width) {  // interleave 16 columns of two rows: one permute
-          const __m512i both = _mm512_inserti64x4(
-              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 16 * g))),
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + 16 * g)), 1);
-          _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave(), both));
-        } else {
-          for (int64_t j = 0; j < 16; ++j) {
-            const bool in = 16 * g + j < width;
-            dst[2 * j] = in && k < K ? r0[16 * g + j] : 0;
-            dst[2 * j + 1] = in && r1 ? r1[16 * g + j] : 0;
-          }
-        }
-      }
-    }
+    // B in VNNI layout, [groups][kp / 2][16 columns][2] (gemm_dpbf16.h): group g is one B tile.
+    pack_pairs(w, N, K, 0, kp / 2, n0, width, groups, b);
     configure_tiles();
     for (int64_t r = 0; r < slivers; r += 2)
       for (int64_t g = 0; g < groups; g += 2) {
@@ -122,12 +94,6 @@ struct AmxEngine {
     uint16_t bytes_per_row[16] = {};
     uint8_t rows[16] = {};
   };
-
-  static __m512i interleave() {  // word indices 0, 16, 1, 17, ...: row k and row k + 1 side by side
-    alignas(64) static const uint16_t index[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    return _mm512_load_si512(index);
-  }
 
   // Tiles 0-3: C (16 x 16 float32), 4-5: A (16 x 32 bfloat16), 6-7: B (16 pairs x 16 columns).
   static void configure_tiles() {

@@ -8,23 +8,28 @@
 // the tokens' inputs packed once, then every (expert, column block) product is one work item on
 // XLA's intra-op thread pool.
 //
-// Two engines do the products: float32 register tiles on any CPU (gemm_fp32.h; bfloat16 weights
-// are widened as they are packed), and AMX tiles for bfloat16 weights where the CPU has them
-// (gemm_amx.h).
+// Three engines do the products: float32 register tiles on any CPU (gemm_fp32.h; bfloat16 weights
+// are widened as they are packed) and, for bfloat16 weights, AMX tiles where the CPU has them
+// (gemm_amx.h), else AVX512-BF16 dot products where it has those (gemm_dpbf16.h). bf16_engine()
+// picks one per process; MOECLI_CPU_BF16 caps the choice (amx, dpbf16 or float32).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
 #include "gemm_amx.h"
+#include "gemm_dpbf16.h"
 #include "gemm_fp32.h"
 
 namespace {
 
 using moecli::AmxEngine;
+using moecli::Dpbf16Engine;
 using moecli::Fp32Engine;
 using moecli::parallel_for;
 using moecli::round_up;
@@ -35,7 +40,36 @@ constexpr int64_t kNC = moecli::kNC;  // columns per work item of a dense produc
 // map to one L1 cache set, so a register tile's 12 rows of loads and stores evict one another.
 // Measured +2-3% on the grouped product and +3-5% on the dense one.
 constexpr int64_t kPadC = 16;
-static_assert(AmxEngine::kCols == kNC, "both engines fill the same column blocks");
+static_assert(AmxEngine::kCols == kNC, "every engine fills the dense product's column blocks");
+
+// The engine for bfloat16 weights, best first: 0 AMX, 1 AVX512-BF16, 2 float32 (widening). The
+// CPU and this build decide what is there; MOECLI_CPU_BF16=dpbf16 or float32 rules out the ones
+// above it (for measuring and testing one engine against another).
+enum Bf16Engine { kAmx, kDpbf16, kFp32 };
+Bf16Engine bf16_engine() {
+  static const Bf16Engine engine = [] {
+    const char* env = std::getenv("MOECLI_CPU_BF16");
+    const std::string cap = env ? env : "amx";
+    if (cap == "amx" && moecli::amx_ready()) return kAmx;
+#ifdef MOECLI_HAS_DPBF16
+    if (cap == "amx" || cap == "dpbf16") return kDpbf16;
+#endif
+    return kFp32;
+  }();
+  return engine;
+}
+
+// run(W{}, E{}): the kernel body for weights of dtype `weights` (W: float or uint16_t for
+// bfloat16) and the engine E that multiplies them.
+template <typename Run>
+ffi::Error with_engine(ffi::DataType weights, Run run) {
+  if (weights != ffi::BF16) return run(float{}, Fp32Engine{});
+  switch (bf16_engine()) {
+    case kAmx: return run(uint16_t{}, AmxEngine{});
+    case kDpbf16: return run(uint16_t{}, Dpbf16Engine{});
+    default: return run(uint16_t{}, Fp32Engine{});
+  }
+}
 
 // y[t] = sum over the token's assignments a of weight[a] * SwiGLU_e(x[t]), e = expert[a], for a
 // prompt's worth of tokens; ids outside [0, n_experts) (another device's experts) are skipped.
@@ -130,16 +164,14 @@ ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
 ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
                           ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
                           ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  if (w_gate.element_type() != ffi::BF16)
-    return GroupedExpertsImpl<float, Fp32Engine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
-  if (moecli::amx_ready())
-    return GroupedExpertsImpl<uint16_t, AmxEngine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
-  return GroupedExpertsImpl<uint16_t, Fp32Engine>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+  return with_engine(w_gate.element_type(), [&](auto w, auto engine) {
+    return GroupedExpertsImpl<decltype(w), decltype(engine)>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+  });
 }
 
 // y[m, N] = x[m, K] @ w[K, N] for a prompt's rows. XLA:CPU's own dots reach ~100 GFLOP/s in
 // float32 on the 2-core development VM, and run bfloat16 at float32 speed or below; this engine
-// ~140 in float32 and, with bfloat16 weights on AMX, ~2x that (BENCHMARKS.md). Work items: (row
+// ~140 in float32 and, with bfloat16 weights on AMX or AVX512-BF16, ~2x that (BENCHMARKS.md). Work items: (row
 // block, column block), with as few row blocks as keep every thread busy (each packs its column
 // block of w again); each copies its block of C to y while it is still in cache.
 template <typename W, typename E>
@@ -174,9 +206,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
 }
 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  if (w.element_type() != ffi::BF16) return MatmulImpl<float, Fp32Engine>(pool, x, w, y);
-  if (moecli::amx_ready()) return MatmulImpl<uint16_t, AmxEngine>(pool, x, w, y);
-  return MatmulImpl<uint16_t, Fp32Engine>(pool, x, w, y);
+  return with_engine(w.element_type(), [&](auto w_dtype, auto engine) {
+    return MatmulImpl<decltype(w_dtype), decltype(engine)>(pool, x, w, y);
+  });
 }
 
 }  // namespace
@@ -191,5 +223,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts,
                               moecli::experts_binding());
 
-// For `moe generate --verbose` and the tests: whether bfloat16 prompts use AMX (see gemm_amx.h).
-extern "C" int MoecliAmxReady() { return moecli::amx_ready() ? 1 : 0; }
+// For `moe generate --verbose` and the tests: the engine of bfloat16 prompts (see bf16_engine).
+extern "C" int MoecliBf16Engine() { return bf16_engine(); }
