@@ -44,7 +44,7 @@ static_assert(AmxEngine::kCols == kNC, "every engine fills the dense product's c
 
 // The engine for bfloat16 weights, best first: 0 AMX, 1 AVX512-BF16, 2 float32 (widening). The
 // CPU and this build decide what is there; MOECLI_CPU_BF16=dpbf16 or float32 rules out the ones
-// above it (for measuring and testing one engine against another).
+// above it, any other value all but float32 (for measuring and testing one engine against another).
 enum Bf16Engine { kAmx, kDpbf16, kFp32 };
 Bf16Engine bf16_engine() {
   static const Bf16Engine engine = [] {
