@@ -171,9 +171,9 @@ ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 // y[m, N] = x[m, K] @ w[K, N] for a prompt's rows. XLA:CPU's own dots reach ~100 GFLOP/s in
 // float32 on the 2-core development VM, and run bfloat16 at float32 speed or below; this engine
-// ~140 in float32 and, with bfloat16 weights on AMX or AVX512-BF16, ~2x that (BENCHMARKS.md). Work items: (row
-// block, column block), with as few row blocks as keep every thread busy (each packs its column
-// block of w again); each copies its block of C to y while it is still in cache.
+// ~140 in float32 and, with bfloat16 weights on AMX or AVX512-BF16, ~2x that (BENCHMARKS.md).
+// Work items: (row block, column block), with as few row blocks as keep every thread busy (each
+// packs its column block of w again); each copies its block of C to y while it is still in cache.
 template <typename W, typename E>
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                       ffi::Result<ffi::Buffer<ffi::F32>> y) {
