@@ -16,8 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moecli import gpu_kernels
-from moecli.moe import Routing, experts_blocked, experts_gpu_grouped, experts_scanned
+from moecli.kernels.gpu import pallas as gpu_kernels
+from moecli.model.moe import Routing, experts_blocked, experts_gpu_grouped, experts_scanned
 
 SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),
           "olmoe-1b-7b": (64, 8, 2048, 1024)}  # experts, top_k, d_model, expert FFN

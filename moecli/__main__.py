@@ -1,4 +1,4 @@
 """`python -m moecli` is `moe`."""
-from moecli.cli import app
+from moecli.cli.main import app
 
 app(prog_name="moe")

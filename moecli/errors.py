@@ -3,7 +3,7 @@
 Every failure moecli expects (a bad checkpoint, a bad flag, a failed download) raises a
 subclass of `MoecliError` carrying one line that says what is wrong and, in `hint`, what to do.
 The CLI turns these into a single stderr line and a non-zero exit code in one place
-(`moecli.cli`); nothing else catches and prints.
+(`moecli.cli.app`); nothing else catches and prints.
 """
 from __future__ import annotations
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import jax
 
+from moecli import env
+
 
 def cache_dir() -> Path:
     """moecli's cache folder: $MOECLI_CACHE, else $XDG_CACHE_HOME/moecli, else ~/.cache/moecli."""
-    if os.environ.get("MOECLI_CACHE"):
-        return Path(os.environ["MOECLI_CACHE"])
+    if env.path("MOECLI_CACHE"):
+        return env.path("MOECLI_CACHE")
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moecli"
 
 
@@ -18,7 +20,7 @@ def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache, so a second launch of `moe` loads compiled
     programs from disk instead of recompiling them (seconds saved per prefill bucket).
     Set MOECLI_NO_COMPILE_CACHE=1 to leave it off."""
-    if os.environ.get("MOECLI_NO_COMPILE_CACHE"):
+    if env.switch("MOECLI_NO_COMPILE_CACHE"):
         return
     folder = cache_dir() / "jax"
     try:
@@ -38,13 +40,12 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     Every process runs the same command; CPU processes talk through gloo."""
     from moecli.errors import UsageError
 
-    coordinator = coordinator or os.environ.get("MOECLI_COORDINATOR")
+    coordinator = coordinator or env.text("MOECLI_COORDINATOR")
     if not coordinator:
         return
-    try:
-        num_processes = int(num_processes if num_processes is not None else os.environ["MOECLI_NUM_PROCESSES"])
-        process_id = int(process_id if process_id is not None else os.environ["MOECLI_PROCESS_ID"])
-    except (KeyError, ValueError):
+    num_processes = num_processes if num_processes is not None else env.integer("MOECLI_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else env.integer("MOECLI_PROCESS_ID")
+    if num_processes is None or process_id is None:
         raise UsageError("a multi-process run needs the process count and this process's id",
                          "pass --num-processes N --process-id I (or MOECLI_NUM_PROCESSES/MOECLI_PROCESS_ID)") from None
     if not 0 <= process_id < num_processes:

@@ -22,7 +22,7 @@ def chat_checkpoint(folder: Path, kind: str = "chatml", **overrides) -> Path:
         template = (TEMPLATES / "mistral-instruct.jinja").read_text() if kind == "mistral" else None
         make_sentencepiece_tokenizer(folder, vocab_size=600, chat_template=template)
         vocab, eos = 600, 2
-    from moecli.tokenizer import Tokenizer
+    from moecli.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(folder)
     model = build("mixtral", vocab_size=max(vocab, tok.vocab_size), num_local_experts=4,

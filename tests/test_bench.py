@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moecli import bench
-from moecli.cli import app
+from moecli.benchmark import harness as bench
+from moecli.cli.main import app
 
 TINY = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=256, hidden_size=64,
             intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,15 +1,15 @@
-"""moecli.chat_template against transformers' apply_chat_template, on real-world templates."""
+"""moecli.text.chat_template against transformers' apply_chat_template, on real-world templates."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from moecli.chat_template import (
+from moecli.text.chat_template import (
     PLAIN_CHAT_TEMPLATE, chat_template_for, encode_chat, render_chat,
 )
 from moecli.errors import TokenizerError
-from moecli.tokenizer import Tokenizer
+from moecli.text.tokenizer import Tokenizer
 from tokenizer_fixtures import LLAMA3_SPECIAL, make_bpe_tokenizer, make_sentencepiece_tokenizer
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"

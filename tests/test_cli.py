@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from checkpoints import chat_checkpoint
 from hf_models import hf_greedy
-from moecli.cli import app
-from moecli.tokenizer import Tokenizer
+from moecli.cli.main import app
+from moecli.text.tokenizer import Tokenizer
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def expected_greedy_text(folder, prompt: str, n: int, chat: bool = False) -> str
     tok = Tokenizer.from_dir(folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if chat:
-        from moecli.chat_template import encode_chat
+        from moecli.text.chat_template import encode_chat
         ids = encode_chat(tok, [{"role": "user", "content": prompt}])
     else:
         ids = tok.encode(prompt)

@@ -11,9 +11,9 @@ from safetensors.numpy import load_file, save_file
 
 from hf_models import build, save
 from moecli import load_model
-from moecli.config import load_config
+from moecli.model.config import load_config
 from moecli.errors import CheckpointError, ConfigError
-from moecli.families import config_from_hf
+from moecli.checkpoints.families import config_from_hf
 
 MIXTRAL = dict(model_type="mixtral", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
@@ -116,7 +116,7 @@ def test_parameter_counts_match_transformers():
 def test_placed_weights_are_the_transposed_checkpoint_and_adopted_without_a_copy(dtype):
     """copy_into transposes a checkpoint's [out, in] view exactly (tiled C copy or numpy), and an
     aligned contiguous array reaches the CPU device without a copy (the loader's memory peak)."""
-    from moecli.placement import aligned_empty, copy_into, host_array
+    from moecli.checkpoints.placement import aligned_empty, copy_into, host_array
 
     src = np.random.default_rng(0).standard_normal((3, 70, 130)).astype(dtype)
     dst = aligned_empty((3, 130, 70), np.float32)

@@ -8,10 +8,10 @@ import pytest
 
 from checkpoints import chat_checkpoint
 from moecli import load_model
-from moecli.conversation import ChatSession
+from moecli.inference.conversation import ChatSession
 from moecli.errors import UsageError
-from moecli.sampling import SamplingParams
-from moecli.tokenizer import Tokenizer
+from moecli.inference.sampling import SamplingParams
+from moecli.text.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -107,7 +107,7 @@ def test_save_and_load_roundtrip(parts, tmp_path):
 
 def test_template_variables_reach_the_chat_template():
     """The bundled model's template names the speakers from template variables."""
-    from moecli.bundled import bundled_model
+    from moecli.hub.bundled import bundled_model
 
     folder = bundled_model()
     model, tok = load_model(folder, dtype="float32"), Tokenizer.from_dir(folder)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moecli import cpu_kernels
-from moecli.config import ModelConfig
-from moecli.model import init_cache, transformed
-from moecli.moe import route
+from moecli.kernels.cpu import ffi as cpu_kernels
+from moecli.model.config import ModelConfig
+from moecli.model.transformer import init_cache, transformed
+from moecli.model.moe import route
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=cpu_kernels.status())
 
@@ -69,7 +69,7 @@ def test_every_bfloat16_prompt_engine_equals_its_reference(cap):
     and rounds nothing. Sizes off every block: odd depths (pairs), 300 > one 256-row block."""
     code = """if True:
         import jax, jax.numpy as jnp, numpy as np
-        from moecli import cpu_kernels
+        from moecli.kernels.cpu import ffi as cpu_kernels
         from test_cpu_kernels import experts_reference, route
         rounded = cpu_kernels.bf16_engine() != "float32"
         r = (lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)) if rounded else (lambda a: a)
@@ -168,7 +168,7 @@ def test_failed_build_falls_back(tmp_path):
     (2, 3, 2100, 2050, 1030, 20),  # sliding window: keys masked at a chunk's start; head_dim off the vector width
 ])
 def test_attention_kernel_equals_xla(group, t, length, start, window, head_dim):
-    from moecli.layers import attend_xla
+    from moecli.model.layers import attend_xla
 
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
     q = jax.random.normal(kq, (1, 3, group, t, head_dim)) * 2  # peaked softmax: errors would show
@@ -205,7 +205,7 @@ def test_independent_kernel_calls_run_side_by_side():
     here (both threads spinning); run in a subprocess, so a hang fails the test."""
     code = """
 import jax, jax.numpy as jnp
-from moecli import cpu_kernels
+from moecli.kernels.cpu import ffi as cpu_kernels
 x = jax.random.normal(jax.random.PRNGKey(0), (512, 1024))
 ws = [jax.random.normal(jax.random.PRNGKey(i), (1024, 1024)) * 0.03 for i in range(24)]
 f = jax.jit(lambda x, ws: sum(jnp.sum(cpu_kernels.matmul(x, w)) for w in ws))

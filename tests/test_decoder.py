@@ -10,9 +10,9 @@ import pytest
 
 from checkpoints import chat_checkpoint
 from moecli import load_model
-from moecli.api import generate, load
-from moecli.generate import Decoder, bucket
-from moecli.sampling import SamplingParams
+from moecli.inference.text import generate, load
+from moecli.inference.decoder import Decoder, bucket
+from moecli.inference.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`moecli.hub` against the real huggingface_hub client talking HTTP to a fake Hub (`fakehub.FakeHub`).
+"""`moecli.hub.download` against the real huggingface_hub client talking HTTP to a fake Hub (`fakehub.FakeHub`).
 
 The repo is a tiny Mixtral saved by transformers in four safetensors shards, plus files inference does
 not need (.bin/.gguf/original/*) that must never be fetched. Covered: the cache and local_dir layouts,
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from fakehub import FakeHub
 
-from moecli import hub
-from moecli.config import load_config
+from moecli.hub import download as hub
+from moecli.model.config import load_config
 from moecli.errors import CheckpointError, ConfigError, DownloadError, ResourceError
 
 REPO = "org/tiny-mixtral"
@@ -265,7 +265,7 @@ def test_validate_an_unsupported_architecture(local_copy):
 def test_moe_download_command_prints_summary(fake, repo_files, tmp_path):
     from typer.testing import CliRunner
 
-    from moecli.cli import app
+    from moecli.cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["download", REPO, "--local-dir", str(tmp_path / "here")])

@@ -1,7 +1,7 @@
 """Property tests: a damaged checkpoint fails with moecli's own errors, never anything else.
 
-Hypothesis feeds the loader (`moecli.config.load_config`, `moecli.engine.load_model`, and the download
-check `moecli.hub.validate_checkpoint`) randomly corrupted copies of a tiny valid checkpoint:
+Hypothesis feeds the loader (`moecli.model.config.load_config`, `moecli.inference.engine.load_model`, and the download
+check `moecli.hub.download.validate_checkpoint`) randomly corrupted copies of a tiny valid checkpoint:
 config.json with keys dropped, values of the wrong type, zero, negative, huge or non-finite, nested
 garbage, or not JSON at all; safetensors files truncated, with flipped bytes, or with a rewritten
 header (wrong dtypes, shapes that do not match the byte counts, offsets out of range). Each either
@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hf_models import build, save
-from moecli import hub
-from moecli.config import load_config
-from moecli.engine import load_model
+from moecli.hub import download as hub
+from moecli.model.config import load_config
+from moecli.inference.engine import load_model
 from moecli.errors import MoecliError
 
 EXAMPLES = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 50)), deadline=None, suppress_health_check=[HealthCheck.too_slow],

@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moecli import cpu_kernels, gpu_kernels, moe
-from moecli.config import ModelConfig
-from moecli.model import init_cache, transformed
-from moecli.moe import Routing, experts_dense, route
+from moecli.kernels.cpu import ffi as cpu_kernels
+from moecli.kernels.gpu import pallas as gpu_kernels
+from moecli.model import moe
+from moecli.model.config import ModelConfig
+from moecli.model.transformer import init_cache, transformed
+from moecli.model.moe import Routing, experts_dense, route
 
 
 def random_experts(key, n_experts, d, f, dtype):
@@ -194,7 +196,7 @@ def test_gpu_layer_benchmark_runs_its_smoke_test():
 def test_verbose_says_whether_the_gpu_kernels_run(monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from moecli.commands.generate import print_stats
+    from moecli.cli.commands.generate import print_stats
 
     stats = SimpleNamespace(prompt_tokens=3, prefill_tok_s=1.0, generated_tokens=2, decode_tok_s=1.0,
                             stopped_by="length", ttft_s=0.1, compile_s=0.0)

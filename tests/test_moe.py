@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moecli.config import ModelConfig
-from moecli.moe import MoEBlock
+from moecli.model.config import ModelConfig
+from moecli.model.moe import MoEBlock
 
 E, K, D, F = 4, 2, 8, 12
 
@@ -98,7 +98,7 @@ def test_capacity_formula():
 @pytest.mark.parametrize("tokens", [1, 3, 40, 300])
 def test_fast_dropless_paths_equal_dense_reference(tokens):
     """The scanned (few tokens) and block-sparse (many tokens) paths against all-experts dense."""
-    from moecli.moe import experts_blocked, experts_dense, experts_scanned, route
+    from moecli.model.moe import experts_blocked, experts_dense, experts_scanned, route
 
     key = jax.random.PRNGKey(tokens)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
@@ -128,8 +128,8 @@ def test_prefill_runs_the_last_feed_forward_for_the_logits_position_only(monkeyp
     """With logits_at, the last layer's feed-forward block runs for that one position (dropless
     routing; with capacity every token must run): the same logits and cache as the full forward,
     and every token still routed."""
-    from moecli import moe
-    from moecli.model import init_cache, transformed
+    from moecli.model import moe
+    from moecli.model.transformer import init_cache, transformed
 
     c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                     n_experts=4, top_k=2, d_expert=24, d_ff=40, capacity_factor=capacity_factor,

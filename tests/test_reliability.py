@@ -1,6 +1,6 @@
 """Every bad input gets one clear line, through the real `moe` CLI, and nothing is lost.
 
-Each case runs `moe ...` with Typer's CliRunner and checks the contract of `moecli.cli`: a non-zero
+Each case runs `moe ...` with Typer's CliRunner and checks the contract of `moecli.cli.app`: a non-zero
 exit code (2 for bad arguments), exactly one line on stderr, `error: what is wrong — what to do`,
 naming the problem, and no traceback; `moe --debug ...` raises the error instead. The cases, in the
 order of the reliability issue: broken checkpoints, bad arguments, the environment (offline, gated,
@@ -23,8 +23,8 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from checkpoints import chat_checkpoint
-from moecli import cli
-from moecli.cli import app
+from moecli.cli import app as cli
+from moecli.cli.main import app
 from moecli.errors import (CheckpointError, ConfigError, DownloadError, MoecliError, ResourceError, TokenizerError,
                            UsageError)
 
@@ -463,8 +463,8 @@ def test_the_disk_filling_during_a_download(fake, repo_files, tmp_path, monkeypa
 
 
 def test_too_little_memory_is_refused_before_loading(plain, monkeypatch):
-    from moecli import checkpoint
-    from moecli.config import load_config
+    from moecli.checkpoints import loader as checkpoint
+    from moecli.model.config import load_config
 
     f32 = load_config(plain).parameter_counts()[0] * 4
     gpu = checkpoint.FreeMemory(f32 // 2 + 1000, "on cuda:0 (Fake GPU)", True)  # room for bfloat16, not float32
@@ -485,8 +485,8 @@ def test_too_little_memory_is_refused_before_loading(plain, monkeypatch):
 
 def test_the_memory_check_uses_the_real_figure(plain):
     """No patching: the tiny model fits, and the figure comes from the device or /proc/meminfo."""
-    from moecli import checkpoint
-    from moecli.config import load_config
+    from moecli.checkpoints import loader as checkpoint
+    from moecli.model.config import load_config
 
     free = checkpoint.available_memory()
     if Path("/proc/meminfo").exists():
@@ -502,7 +502,7 @@ def test_the_memory_check_uses_the_real_figure(plain):
 def test_running_out_of_device_memory_while_loading(plain, monkeypatch, error, words):
     import jax
 
-    from moecli import engine
+    from moecli.inference import engine
 
     def out_of_memory(*args, **kwargs):
         raise jax.errors.JaxRuntimeError(error)
@@ -515,7 +515,7 @@ def test_running_out_of_device_memory_while_loading(plain, monkeypatch, error, w
 
 
 def test_running_out_of_host_memory(plain, monkeypatch):
-    from moecli import engine
+    from moecli.inference import engine
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError
@@ -526,7 +526,7 @@ def test_running_out_of_host_memory(plain, monkeypatch):
 
 def test_a_bug_is_not_hidden(plain, monkeypatch):
     """An unexpected exception is a bug: it keeps its traceback rather than becoming a vague line."""
-    from moecli import engine
+    from moecli.inference import engine
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -537,13 +537,13 @@ def test_a_bug_is_not_hidden(plain, monkeypatch):
 
 
 def test_ctrl_c_during_generate_exits_130(plain, monkeypatch):
-    import moecli.api
+    import moecli.inference.text
 
     def interrupted(*args, **kwargs):
         yield "To be"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(moecli.api, "stream_generate", interrupted)
+    monkeypatch.setattr(moecli.inference.text, "stream_generate", interrupted)
     result = generate(plain)
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.output
@@ -574,9 +574,9 @@ def test_ctrl_d_leaves_cleanly(plain):
 
 
 def test_ctrl_c_mid_reply_keeps_the_partial_reply(plain, tmp_path, monkeypatch):
-    import moecli.conversation
+    import moecli.inference.conversation
 
-    real = moecli.conversation.stream_tokens_as_text
+    real = moecli.inference.conversation.stream_tokens_as_text
 
     def ctrl_c_after_the_first_piece(*args, **kwargs):
         for i, piece in enumerate(real(*args, **kwargs)):
@@ -584,7 +584,7 @@ def test_ctrl_c_mid_reply_keeps_the_partial_reply(plain, tmp_path, monkeypatch):
             if i == 0:
                 os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; moe chat's handler catches it
 
-    monkeypatch.setattr(moecli.conversation, "stream_tokens_as_text", ctrl_c_after_the_first_piece)
+    monkeypatch.setattr(moecli.inference.conversation, "stream_tokens_as_text", ctrl_c_after_the_first_piece)
     saved = tmp_path / "chat.json"
     result = chat(plain, f"tell me a story\n/save {saved}\n", "--max-tokens", 40)
     assert result.exit_code == 0 and chat_errors(result) == []
@@ -595,7 +595,7 @@ def test_ctrl_c_mid_reply_keeps_the_partial_reply(plain, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line(plain, monkeypatch):
-    from moecli.commands import chat as chat_command
+    from moecli.cli.commands import chat as chat_command
 
     lines = iter([KeyboardInterrupt, "hello", EOFError])
 
@@ -631,9 +631,9 @@ def test_save_to_an_unwritable_path_and_bad_loads(plain, tmp_path):
 
 def failing_replies(monkeypatch, message: str, on_call: int = 2) -> None:
     """The `on_call`-th reply raises RuntimeError(message) after its first piece."""
-    import moecli.conversation
+    import moecli.inference.conversation
 
-    real, calls = moecli.conversation.stream_tokens_as_text, {"n": 0}
+    real, calls = moecli.inference.conversation.stream_tokens_as_text, {"n": 0}
 
     def fails(*args, **kwargs):
         calls["n"] += 1
@@ -642,7 +642,7 @@ def failing_replies(monkeypatch, message: str, on_call: int = 2) -> None:
             if calls["n"] == on_call:
                 raise RuntimeError(message)
 
-    monkeypatch.setattr(moecli.conversation, "stream_tokens_as_text", fails)
+    monkeypatch.setattr(moecli.inference.conversation, "stream_tokens_as_text", fails)
 
 
 def test_an_exception_inside_generation_keeps_the_conversation(plain, tmp_path, monkeypatch):

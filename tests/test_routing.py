@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from checkpoints import chat_checkpoint
 from hf_models import build, save
 from moecli import load_model
-from moecli.cli import app
+from moecli.cli.main import app
 
 FAMILIES = {
     "mixtral": dict(num_local_experts=5, num_experts_per_tok=2),

@@ -1,4 +1,4 @@
-"""moecli.sampling against Hugging Face transformers' logits processors, the oracle."""
+"""moecli.inference.sampling against Hugging Face transformers' logits processors, the oracle."""
 from __future__ import annotations
 
 import types
@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 from transformers.generation import logits_process as hf
 from transformers.generation.utils import GenerationMixin
 
-from moecli import sampling as S
+from moecli.inference import sampling as S
 from moecli.errors import UsageError
 
 BATCH, VOCAB = 4, 64

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hf_models import build, save
-from moecli.cli import app
+from moecli.cli.main import app
 
 WORKER = str(Path(__file__).with_name("sharding_worker.py"))
 

@@ -1,4 +1,4 @@
-"""moecli.tokenizer against transformers' AutoTokenizer (the oracle) on two tiny trained tokenizers."""
+"""moecli.text.tokenizer against transformers' AutoTokenizer (the oracle) on two tiny trained tokenizers."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import random
 import pytest
 
 from moecli.errors import TokenizerError
-from moecli.tokenizer import Tokenizer
+from moecli.text.tokenizer import Tokenizer
 from tokenizer_fixtures import (
     LLAMA3_SPECIAL, make_bpe_tokenizer, make_sentencepiece_tokenizer, write_generation_config,
 )

@@ -14,11 +14,12 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from moecli import data, load_model
-from moecli import train as train_mod
-from moecli.cli import app
-from moecli.chat_template import render_chat
-from moecli.tokenizer import Tokenizer
+from moecli import load_model
+from moecli.training import data
+from moecli.training import train as train_mod
+from moecli.cli.main import app
+from moecli.text.chat_template import render_chat
+from moecli.text.tokenizer import Tokenizer
 
 BUNDLED = Path(__file__).resolve().parent.parent / "weights" / "bardmoe"
 TINY_FLAGS = ["--held-out", "macbeth", "--vocab-size", "400", "--layers", "2", "--d-model", "32", "--heads", "4",

@@ -1,0 +1,231 @@
+"""What every checkpoint family shares: reading config.json fields with clear errors, RoPE
+settings, and the table from Hugging Face tensor names to moecli's parameters.
+
+A family module (mixtral.py, qwen_moe.py, olmoe.py) supplies two functions:
+    config_from_hf(hf: dict) -> ModelConfig
+    tensor_map(config) -> dict[hf_tensor_name, TensorSpec]
+and `moecli.checkpoints.loader` does the rest.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from moecli.model.config import DAMAGED, MAX_DIM, MAX_LAYERS, ModelConfig, RopeConfig
+from moecli.errors import QUANTIZED_HINT, ConfigError
+
+
+class Target(NamedTuple):
+    """Where (part of) a checkpoint tensor goes in the Haiku parameter tree."""
+
+    module: str                  # e.g. "transformer/layer_0/attn/q_proj"
+    param: str                   # e.g. "w"
+    expert: int | None = None    # index on the stacked experts axis; None = the whole parameter
+    transpose: bool = True       # torch Linear stores [out, in]; Haiku uses [in, out]
+    rows: tuple[int, int] | None = None  # a slice of the tensor's out axis (fused gate_up_proj)
+
+
+class TensorSpec(NamedTuple):
+    shape: tuple[int, ...]       # the shape the checkpoint must have
+    targets: tuple[Target, ...]
+
+
+TensorMap = dict[str, TensorSpec]
+
+
+#: Inclusive bounds on config.json's integer fields: a value outside them is a damaged config, caught
+#: here before a family builds per-layer tuples or shapes from it.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                     "moe_intermediate_size", "max_position_embeddings", "original_max_position_embeddings",
+                     "sliding_window"), (1, MAX_DIM)),
+    **dict.fromkeys(("head_dim", "intermediate_size", "shared_expert_intermediate_size", "num_local_experts",
+                     "num_experts", "num_experts_per_tok", "max_window_layers"), (0, MAX_DIM)),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "decoder_sparse_step": (1, MAX_LAYERS),
+}
+
+
+class Fields:
+    """Typed access to config.json with one-line errors naming the field."""
+
+    def __init__(self, hf: dict, family: str):
+        self.hf, self.family = hf, family
+
+    def _check(self, key: str, value: Any, kind: type) -> Any:
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value, ok = float(value), True
+            except OverflowError:
+                ok = False
+        if ok and kind is float and not math.isfinite(value):
+            ok = False
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ConfigError(f"config.json field {key!r} must be {'a finite ' if kind is float else ''}"
+                              f"{kind.__name__}, got {shown}", DAMAGED)
+        if kind is int and key in INT_RANGES and not INT_RANGES[key][0] <= value <= INT_RANGES[key][1]:
+            low, high = INT_RANGES[key]
+            raise ConfigError(f"config.json field {key!r} must be between {low} and {high}, got {value}", DAMAGED)
+        return value
+
+    def need(self, key: str, kind: type = int, alias: str | None = None) -> Any:
+        """A required field; `alias` is another name transformers may save it under."""
+        if self.hf.get(key) is None and alias and self.hf.get(alias) is not None:
+            key = alias
+        if self.hf.get(key) is None:
+            raise ConfigError(f"config.json for {self.family} lacks {key!r}",
+                              "the checkpoint's config.json is incomplete; re-download it")
+        return self._check(key, self.hf[key], kind)
+
+    def get(self, key: str, default: Any, kind: type = int) -> Any:
+        value = self.hf.get(key)
+        return default if value is None else self._check(key, value, kind)
+
+
+def rope_from_hf(f: Fields, default_theta: float) -> RopeConfig:
+    """RoPE settings from top-level rope_theta/rope_scaling (transformers 4) or rope_parameters
+    (transformers 5)."""
+    params = f.hf.get("rope_parameters") or f.hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config.json rope parameters must be an object, got {type(params).__name__}", DAMAGED)
+    p = Fields(params, f.family)
+    theta = p.get("rope_theta", f.get("rope_theta", default_theta, float), float)
+    kind = p.get("rope_type", p.get("type", "default", str), str)
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, kind="linear", factor=p.need("factor", float))
+    if kind == "yarn":
+        max_pos = f.get("max_position_embeddings", 4096)
+        original = p.get("original_max_position_embeddings", max_pos)  # >= 1: see INT_RANGES
+        factor = p.get("factor", max_pos / original, float)
+        if factor <= 0:
+            raise ConfigError(f"rope factor must be positive, got {factor}", DAMAGED)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = p.get("attention_factor", None, float)
+        if attention_factor is None:
+            m, m_all = p.get("mscale", 0.0, float), p.get("mscale_all_dim", 0.0, float)
+            divisor = mscale(factor, m_all) if m and m_all else 1.0
+            if divisor == 0:
+                raise ConfigError(f"rope mscale_all_dim={m_all} gives no usable attention factor", DAMAGED)
+            attention_factor = mscale(factor, m) / divisor if m and m_all else mscale(factor)
+        return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_positions=original,
+                          beta_fast=p.get("beta_fast", 32.0, float), beta_slow=p.get("beta_slow", 1.0, float),
+                          attention_factor=attention_factor, truncate=p.get("truncate", True, bool))
+    raise ConfigError(f"rope type {kind!r} is not supported", "supported: default, linear, yarn")
+
+
+def check_activation(f: Fields) -> None:
+    act = f.get("hidden_act", "silu", str)
+    if act != "silu":
+        raise ConfigError(f"hidden_act {act!r} is not supported", "moecli's experts are SwiGLU (silu)")
+
+
+def check_not_quantized(f: Fields) -> None:
+    """Quantized checkpoints (GPTQ, AWQ, bitsandbytes, FP8, ...) store packed integer or 8-bit weights plus
+    scales; moecli runs float weights only."""
+    quant = f.hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise ConfigError(f"quantized checkpoints are not supported (config.json has a quantization_config"
+                          f"{f', method {method}' if isinstance(method, str) else ''})", QUANTIZED_HINT)
+
+
+def eos_ids(f: Fields) -> tuple[int, ...]:
+    eos = f.hf.get("eos_token_id")
+    if isinstance(eos, list):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            raise ConfigError(f"config.json field 'eos_token_id' must be an int or a list of ints, got "
+                              f"{str(eos)[:60]}", DAMAGED)
+        return tuple(eos)
+    return () if eos is None else (f.get("eos_token_id", 0),)
+
+
+def base_fields(f: Fields) -> dict:
+    """The ModelConfig fields every family reads the same way."""
+    check_not_quantized(f)
+    check_activation(f)
+    d_model, n_heads = f.need("hidden_size"), f.need("num_attention_heads")
+    n_layers = f.need("num_hidden_layers")
+    head_dim = f.get("head_dim", 0) or (d_model // n_heads if n_heads else 0)
+    return dict(
+        family=f.family, vocab_size=f.need("vocab_size"), d_model=d_model, n_layers=n_layers,
+        n_heads=n_heads, n_kv_heads=f.get("num_key_value_heads", n_heads), head_dim=head_dim,
+        top_k=f.need("num_experts_per_tok"), norm_eps=f.get("rms_norm_eps", 1e-6, float),
+        tie_embeddings=f.get("tie_word_embeddings", False, bool),
+        max_position_embeddings=f.get("max_position_embeddings", 4096),
+        bos_token_id=f.get("bos_token_id", None), eos_token_ids=eos_ids(f),
+    )
+
+
+# ----------------------------------------------------------------------------- tensor names
+
+def _linear(name: str, module: str, n_out: int, n_in: int, bias: bool) -> TensorMap:
+    table = {f"{name}.weight": TensorSpec((n_out, n_in), (Target(module, "w"),))}
+    if bias:
+        table[f"{name}.bias"] = TensorSpec((n_out,), (Target(module, "b", transpose=False),))
+    return table
+
+
+def _norm(name: str, module: str, dim: int) -> TensorMap:
+    return {f"{name}.weight": TensorSpec((dim,), (Target(module, "scale", transpose=False),))}
+
+
+def swiglu_tensors(hf: str, module: str, d: int, f: int) -> TensorMap:
+    """A SwiGLU MLP stored as gate_proj/up_proj/down_proj Linear layers."""
+    return {**_linear(f"{hf}.gate_proj", f"{module}/gate_proj", f, d, False),
+            **_linear(f"{hf}.up_proj", f"{module}/up_proj", f, d, False),
+            **_linear(f"{hf}.down_proj", f"{module}/down_proj", d, f, False)}
+
+
+def expert_tensors(c: ModelConfig, hf_block: str, module: str, names: tuple[str, str, str]) -> TensorMap:
+    """Experts stored one tensor per expert (`{hf_block}.experts.{e}.{gate,up,down}.weight`) and,
+    as an alternative, transformers' fused 3-D tensors (`experts.gate_up_proj`, `experts.down_proj`)."""
+    d, f, n = c.d_model, c.d_expert, c.n_experts
+    gate, up, down = names
+    table: TensorMap = {}
+    for e in range(n):
+        prefix = f"{hf_block}.experts.{e}"
+        table[f"{prefix}.{gate}.weight"] = TensorSpec((f, d), (Target(module, "w_gate", e),))
+        table[f"{prefix}.{up}.weight"] = TensorSpec((f, d), (Target(module, "w_up", e),))
+        table[f"{prefix}.{down}.weight"] = TensorSpec((d, f), (Target(module, "w_down", e),))
+    table[f"{hf_block}.experts.gate_up_proj"] = TensorSpec(
+        (n, 2 * f, d), (Target(module, "w_gate", rows=(0, f)), Target(module, "w_up", rows=(f, 2 * f))))
+    table[f"{hf_block}.experts.down_proj"] = TensorSpec((n, d, f), (Target(module, "w_down"),))
+    table[f"{hf_block}.gate.weight"] = TensorSpec((n, d), (Target(module, "router"),))
+    return table
+
+
+def tensor_map(c: ModelConfig, moe_tensors) -> TensorMap:
+    """The whole model's table; `moe_tensors(c, layer, hf_prefix, module)` adds a family's MoE block."""
+    table: TensorMap = {
+        "model.embed_tokens.weight": TensorSpec((c.vocab_size, c.d_model),
+                                                (Target("transformer/embed", "embeddings", transpose=False),)),
+        **_norm("model.norm", "transformer/final_norm", c.d_model),
+    }
+    if not c.tie_embeddings:
+        table["lm_head.weight"] = TensorSpec((c.vocab_size, c.d_model), (Target("transformer", "lm_head"),))
+    q_norm, k_norm = {"none": (0, 0), "head": (c.head_dim, c.head_dim),
+                      "full": (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)}[c.qk_norm]
+    for i in range(c.n_layers):
+        hf, mod = f"model.layers.{i}", f"transformer/layer_{i}"
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        table.update(_norm(f"{hf}.input_layernorm", f"{mod}/input_norm", c.d_model))
+        table.update(_norm(f"{hf}.post_attention_layernorm", f"{mod}/post_attn_norm", c.d_model))
+        table.update(_linear(f"{hf}.self_attn.q_proj", f"{mod}/attn/q_proj", q, c.d_model, c.qkv_bias))
+        table.update(_linear(f"{hf}.self_attn.k_proj", f"{mod}/attn/k_proj", kv, c.d_model, c.qkv_bias))
+        table.update(_linear(f"{hf}.self_attn.v_proj", f"{mod}/attn/v_proj", kv, c.d_model, c.qkv_bias))
+        table.update(_linear(f"{hf}.self_attn.o_proj", f"{mod}/attn/o_proj", c.d_model, q, c.o_bias))
+        if c.qk_norm != "none":
+            table.update(_norm(f"{hf}.self_attn.q_norm", f"{mod}/attn/q_norm", q_norm))
+            table.update(_norm(f"{hf}.self_attn.k_norm", f"{mod}/attn/k_norm", k_norm))
+        if c.moe_layers[i]:
+            table.update(moe_tensors(c, i, hf, f"{mod}/moe"))
+        else:
+            table.update(swiglu_tensors(f"{hf}.mlp", f"{mod}/mlp", c.d_model, c.d_ff))
+    return table

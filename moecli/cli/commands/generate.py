@@ -1,0 +1,126 @@
+"""`moe generate`: one prompt in, the reply streamed to stdout."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from moecli.cli.app import command
+from moecli.cli import options as opt
+from moecli.errors import UsageError
+
+
+@command("generate")
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt; - reads it from stdin."),
+    model: Optional[str] = opt.Model, revision: Optional[str] = opt.Revision,
+    max_tokens: int = opt.MaxTokens, temperature: float = opt.Temperature, top_p: float = opt.TopP,
+    top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
+    seed: int = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
+    no_chat_template: bool = typer.Option(False, "--no-chat-template",
+                                          help="Continue the prompt as raw text, even for a chat model."),
+    dtype: str = opt.Dtype, context: int = opt.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory statistics to stderr."),
+    routing_json: Optional[Path] = typer.Option(None, "--routing-json",
+                                                help="Write every token's experts and gate weights per MoE layer here."),
+    show_routing: bool = typer.Option(False, "--show-routing", help="Show the reply coloured by expert, and the "
+                                                                    "per-layer expert load, on stderr."),
+    routing_layer: Optional[int] = typer.Option(None, "--routing-layer", help="Layer for --show-routing's colours "
+                                                                              "[default: the last MoE layer]."),
+    mask: Optional[List[str]] = typer.Option(None, "--mask", help="Switch expert off, as LAYER:EXPERT; repeatable."),
+    template_var: Optional[List[str]] = opt.TemplateVar,
+    devices: Optional[int] = opt.Devices, coordinator: Optional[str] = opt.Coordinator,
+    num_processes: Optional[int] = opt.NumProcesses, process_id: Optional[int] = opt.ProcessId,
+) -> None:
+    """Generate a reply to --prompt and stream it to stdout."""
+    from moecli.inference.text import GenerationStats, decoder_for, load, prompt_ids, stream_generate
+    from moecli.inference.routing import parse_mask
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
+    if max_tokens <= 0:
+        raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
+    params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    from moecli.runtime import init_distributed
+
+    init_distributed(coordinator, num_processes, process_id)
+    m, tokenizer = load(opt.model_source(model), dtype=dtype, revision=revision, devices=devices)
+    use_template = not no_chat_template and tokenizer.chat_template is not None
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if system and not use_template:
+        print("note: --system is ignored without a chat template", file=sys.stderr)
+    ids = prompt_ids(tokenizer, messages if use_template else prompt, use_template, opt.template_vars(template_var))
+    decoder = decoder_for(m, len(ids), max_tokens, context)
+    decoder.set_expert_mask(parse_mask(mask or [], m.config))
+    decoder.capture_routing = bool(routing_json or show_routing)
+    stats = GenerationStats()
+    for piece in stream_generate(m, tokenizer, ids, max_tokens=max_tokens, stop=tuple(stop or ()), stats=stats,
+                                 decoder=decoder, **dataclasses.asdict(params)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        print_stats(stats)
+    if decoder.capture_routing:
+        report_routing(decoder, tokenizer, len(ids), routing_json, show_routing, routing_layer)
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's share of the decoded text (empty while a multi-byte character is incomplete)."""
+    detok = tokenizer.incremental_decoder(skip_special_tokens=False)
+    pieces = [detok.add(t) for t in ids]
+    if pieces:
+        pieces[-1] += detok.flush()
+    return pieces
+
+
+def report_routing(decoder, tokenizer, n_prompt: int, routing_json, show: bool, layer) -> None:
+    import json
+
+    from rich.console import Console
+
+    from moecli.inference.routing import moe_layer_numbers, routing_records, routing_views, token_view
+
+    config = decoder.model.config
+    if not any(config.moe_layers):
+        print("note: this model has no MoE layers to show", file=sys.stderr)
+        return
+    pieces = token_pieces(tokenizer, decoder.ids)
+    if routing_json:
+        records = routing_records(decoder.ids, pieces, decoder.routing, config, n_prompt)
+        routing_json.write_text(json.dumps(records, ensure_ascii=False))
+    if show:
+        console = Console(stderr=True)
+        layer = moe_layer_numbers(config)[-1] if layer is None else layer
+        console.print(token_view(pieces[n_prompt:], decoder.routing[n_prompt:], config, layer))
+        for view in routing_views(decoder.routing, config, decoder.model.mesh, decoder.model.dtype.itemsize):
+            console.print(view)
+
+
+def print_stats(stats) -> None:
+    from moecli.inference.text import peak_memory_mb
+
+    host, device = peak_memory_mb()
+    lines = [
+        f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tok_s:.1f} tok/s",
+        f"generated: {stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s (stopped by {stats.stopped_by})",
+        f"time to first token: {stats.ttft_s:.3f} s (compile {stats.compile_s:.3f} s)",
+        f"peak memory: host {host:.0f} MB" + (f", device {device:.0f} MB" if device is not None else ""),
+    ]
+    import jax
+
+    if jax.default_backend() == "cpu":
+        from moecli.kernels.cpu import ffi as cpu_kernels
+
+        lines.append(cpu_kernels.status())
+    elif jax.default_backend() == "gpu":
+        from moecli.kernels.gpu import pallas as gpu_kernels
+
+        lines.append(gpu_kernels.status())
+    print("\n".join(lines), file=sys.stderr)

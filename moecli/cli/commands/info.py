@@ -1,0 +1,55 @@
+"""`moe info`: what a checkpoint is, and where its experts would go — without loading it."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from moecli.cli.app import command
+
+
+@command("info")
+def info(
+    model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
+    devices: Optional[int] = typer.Option(None, "--devices", help="Show the placement over N devices "
+                                                                  "[default: as `moe generate` would]."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype for the byte counts."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision when MODEL is a repo id."),
+) -> None:
+    """Print the architecture and the placement map: for each device, which experts of which
+    layers it holds and how many bytes of parameters."""
+    import jax
+    import numpy as np
+
+    from moecli.hub import download as hub
+    from moecli.model.config import load_config
+    from moecli.inference.engine import resolve_dtype
+    from moecli.errors import ResourceError
+    from moecli.inference.routing import moe_layer_numbers
+    from moecli.model.sharding import default_devices, make_mesh, placement
+
+    folder = hub.resolve_model(model, revision=revision)
+    summary = hub.validate_checkpoint(folder)
+    console = Console()
+    console.print(hub.summary_table(summary))
+    config = load_config(folder)
+    n = default_devices(config) if devices is None else devices
+    available = jax.devices()
+    try:
+        make_mesh(config, n)  # the same checks as loading: enough devices, experts divide evenly
+        names = [f"{d.platform}:{d.id}" for d in available[:n]]
+    except ResourceError:  # more devices than this machine has: still show the plan
+        names = [f"device {d} (not here)" for d in range(n)]
+    itemsize = np.dtype(resolve_dtype(dtype)).itemsize
+    layers = moe_layer_numbers(config)
+    table = Table(title=f"placement over {n} device{'s' if n > 1 else ''} ({np.dtype(resolve_dtype(dtype)).name})")
+    for column in ("device", "experts", "of MoE layers", "expert bytes", "other bytes", "total"):
+        table.add_column(column, justify="left" if column in ("device", "experts", "of MoE layers") else "right")
+    span = f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers else "none"
+    for p in placement(config, n, itemsize, names):
+        experts = f"{p.experts[0]}..{p.experts[1]}" if layers else "-"
+        table.add_row(p.device, experts, span, hub.human_bytes(p.expert_bytes), hub.human_bytes(p.replicated_bytes),
+                      hub.human_bytes(p.total_bytes))
+    console.print(table)

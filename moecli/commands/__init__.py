@@ -1,2 +1,0 @@
-"""The `moe` subcommands, one module each; `moecli.cli` imports them and they register with
-`moecli.cli.command`."""

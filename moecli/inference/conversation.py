@@ -1,0 +1,203 @@
+"""A chat conversation over one KV cache: the state behind `moe chat`, without any UI.
+
+Each turn renders the whole conversation with the chat template, finds how much of it the cache
+already holds (the longest common prefix of token ids) and prefills only the rest — usually just
+the new user message, since the previous reply's tokens are already in the cache. When the
+conversation outgrows the context window the oldest turns are dropped, with a notice.
+Whatever happens during a reply — a stop, Ctrl-C, an exception — the messages so far survive.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from moecli.inference.text import GenerationStats, stream_tokens_as_text
+from moecli.text.chat_template import PLAIN_STOP_STRINGS, chat_template_for, encode_chat
+from moecli.inference.engine import Model
+from moecli.errors import MoecliError, UsageError
+from moecli.inference.decoder import Decoder
+from moecli.inference.sampling import SamplingParams
+from moecli.text.tokenizer import Tokenizer
+
+SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int,
+            "seed": int, "repetition_penalty": float}
+WARN_AT = 0.8  # warn when the conversation fills this much of the context window
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ChatSession:
+    def __init__(self, model: Model, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int = 256,
+                 context: int = 4096, system: str | None = None, stop: tuple[str, ...] = (),
+                 model_id: str = "", revision: str | None = None, notify: Callable[[str], None] = print,
+                 template_vars: dict | None = None):
+        self.model, self.tokenizer, self.notify = model, tokenizer, notify
+        self.params, self.max_tokens = params, max_tokens
+        self.model_id, self.revision = model_id, revision
+        self.template_vars = template_vars or {}  # extra chat-template variables
+        self.system = system
+        self.messages: list[dict] = []
+        _, fallback = chat_template_for(tokenizer)
+        self.stop = tuple(stop) + (PLAIN_STOP_STRINGS if fallback else ())
+        self.decoder = Decoder(model, max_len=min(context, model.config.max_position_embeddings))
+        self.decoder.capture_routing = any(model.config.moe_layers)  # for /experts
+        self.last_stats = GenerationStats()
+        self.reply_span = (0, 0)          # positions of the last reply in the cache
+        self.disabled: dict[int, set[int]] = {}
+
+    # -- the conversation ------------------------------------------------------------------------
+    def full_messages(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{k: v for k, v in m.items() if k in ("role", "content")} for m in self.messages]
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation's tokens; drops the oldest turns (with a notice) until a reply fits."""
+        limit = self.decoder.max_len
+        while True:
+            ids = encode_chat(self.tokenizer, self.full_messages(), add_generation_prompt=True,
+                              **self.template_vars)
+            if len(ids) + min(self.max_tokens, 32) <= limit:
+                break
+            if len(self.messages) <= 1:
+                raise UsageError(f"this message is {len(ids)} tokens; the context window is {limit}",
+                                 "send a shorter message or start moe chat with a larger --context")
+            dropped = self.messages.pop(0)
+            while self.messages and self.messages[0]["role"] != "user":
+                self.messages.pop(0)
+            self.notify(f"context full: dropped the oldest turn ({dropped['role']}: "
+                        f"{dropped['content'][:40]!r}...) to make room")
+        if len(ids) > WARN_AT * limit:
+            self.notify(f"context {100 * len(ids) // limit}% full ({len(ids)}/{limit} tokens); "
+                        "older turns will be dropped soon (/clear starts afresh)")
+        return ids
+
+    def reply(self, text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Add the user's message and stream the assistant's reply. The reply is recorded even if
+        the stream is interrupted (marked "interrupted") or fails (marked "error")."""
+        if not text.strip():
+            raise UsageError("empty message", "type something, or /help for the commands")
+        self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids()
+        except MoecliError:
+            self.messages.pop()  # the message that did not fit
+            raise
+        reuse = min(common_prefix(self.decoder.ids, ids), len(ids) - 1)  # feed at least one token
+        self.decoder.rewind(reuse)
+        pieces, self.last_stats = [], GenerationStats()
+        budget = min(self.max_tokens, self.decoder.max_len - len(ids))
+        message = {"role": "assistant", "content": ""}
+        try:
+            for piece in stream_tokens_as_text(self.decoder, self.tokenizer, ids[reuse:], self.params, budget,
+                                               self.stop, self.last_stats, should_stop):
+                pieces.append(piece)
+                self.reply_span = (len(ids), self.decoder.pos)
+                yield piece
+            if self.last_stats.stopped_by == "interrupted":
+                message["interrupted"] = True
+        except BaseException:
+            message["error"] = True
+            self.decoder.reset()  # the cache may be mid-update: rebuild it from the messages next turn
+            raise
+        finally:
+            message["content"] = "".join(pieces).strip()
+            self.messages.append(message)
+        self.last_stats.reused_tokens = reuse
+
+    # -- experts ---------------------------------------------------------------------------------
+    def last_reply_routing(self) -> tuple[list[int], list]:
+        """(token ids, routing) of the last reply."""
+        start, end = self.reply_span
+        return self.decoder.ids[start:end], self.decoder.routing[start:end]
+
+    def mask(self, spec: str) -> None:
+        """Switch an expert off ("LAYER:EXPERT"); effective from the next reply."""
+        from moecli.inference.routing import parse_mask
+
+        disabled = {k: set(v) for k, v in self.disabled.items()}
+        for layer, experts in parse_mask([spec], self.model.config).items():
+            disabled.setdefault(layer, set()).update(experts)
+        self.decoder.set_expert_mask(disabled)
+        self.disabled = disabled
+
+    def unmask(self, spec: str = "") -> None:
+        """Switch one expert ("LAYER:EXPERT") or, with no spec, every expert back on."""
+        from moecli.inference.routing import parse_mask
+
+        disabled = {} if not spec else {k: set(v) for k, v in self.disabled.items()}
+        for layer, experts in (parse_mask([spec], self.model.config) if spec else {}).items():
+            disabled[layer] = disabled.get(layer, set()) - experts
+        self.decoder.set_expert_mask({k: v for k, v in disabled.items() if v})
+        self.disabled = {k: v for k, v in disabled.items() if v}
+
+    def clear(self) -> None:
+        self.messages = []
+        self.decoder.reset()
+
+    # -- settings ----------------------------------------------------------------------------------
+    def set(self, name: str, value: str) -> None:
+        if name not in SETTINGS:
+            raise UsageError(f"unknown setting {name!r}", f"settable: {', '.join(SETTINGS)}")
+        try:
+            parsed = SETTINGS[name](value)
+        except ValueError:
+            raise UsageError(f"{name} needs a {SETTINGS[name].__name__}, got {value!r}",
+                             f"e.g. /set {name} {SETTINGS[name](1)}") from None
+        if name == "max_tokens":
+            if parsed <= 0:
+                raise UsageError(f"max_tokens must be positive, got {parsed}", "e.g. /set max_tokens 256")
+            self.max_tokens = parsed
+            return
+        params = dataclasses.replace(self.params, **{name: parsed})
+        params.validate()
+        self.params = params
+
+    def settings(self) -> dict:
+        return {**dataclasses.asdict(self.params), "max_tokens": self.max_tokens}
+
+    # -- persistence -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        data = {"model": self.model_id, "revision": self.revision, "system": self.system,
+                "messages": self.messages, "settings": self.settings()}
+        try:
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+        except OSError as err:
+            raise UsageError(f"cannot write {path}: {err.strerror}", "choose another path") from None
+        return path
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise UsageError(f"cannot read {path}: {err.strerror}", "check the path") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(f"{path} is not a saved chat (invalid JSON)", "load a file written by /save") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str) for m in messages):
+            raise UsageError(f"{path} is not a saved chat (no valid messages)", "load a file written by /save")
+        settings = data.get("settings") or {}
+        backup = (self.params, self.max_tokens)
+        try:
+            for name, value in settings.items():
+                if name in SETTINGS:
+                    self.set(name, str(value))
+        except UsageError:
+            self.params, self.max_tokens = backup
+            raise
+        self.system = data.get("system") if isinstance(data.get("system"), str) else self.system
+        self.messages = [m for m in messages if m["role"] != "system"]
+        if data.get("model") and data["model"] != self.model_id:
+            self.notify(f"note: this chat was saved with model {data['model']}")

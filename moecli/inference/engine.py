@@ -1,0 +1,86 @@
+"""A loaded model: its config, its parameters, and the compiled functions that run it.
+
+    model = load_model("path/to/checkpoint", dtype="float32")
+    logits = model(ids)                     # [batch, seq] -> float32 [batch, seq, vocab]
+    logits, routing = model(ids, return_routing=True)
+    cache = model.init_cache(batch=1, max_len=256)
+    logits, cache = model.step(ids, cache)  # KV-cached: ids sit at positions cache.pos..
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecli.checkpoints.loader import load_params
+from moecli.model.config import ModelConfig, load_config
+from moecli.errors import UsageError
+from moecli.model.transformer import Cache, init_cache, transformed
+from moecli.model.moe import Routing
+from moecli.model.sharding import make_mesh
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype: str):
+    """"auto" is bfloat16 on GPU/TPU and float32 on CPU, where XLA's bf16 matmuls are ~20x slower."""
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}", f"choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Model:
+    """Parameters plus jitted forward functions. Build one with `load_model`."""
+
+    def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None):
+        self.config, self.params, self.source, self.mesh = config, params, source, mesh
+        self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        # apply(params, ids, cache=None, expert_mask=None) -> (logits, cache, routing): to compose
+        self.apply = apply = transformed(config, mesh).apply
+        self._forward = jax.jit(lambda p, ids: apply(p, ids)[::2])
+        # The cache is donated: XLA updates it in place instead of copying it every step.
+        self._step = jax.jit(lambda p, ids, cache: apply(p, ids, cache)[:2], donate_argnums=(2,))
+
+    def __call__(self, ids, return_routing: bool = False) -> jax.Array | tuple[jax.Array, Routing]:
+        """Full causal forward: int [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        logits, routing = self._forward(self.params, jnp.asarray(ids, jnp.int32))
+        return (logits, routing) if return_routing else logits
+
+    @property
+    def cache_dtype(self):
+        """The KV cache's dtype: the weights', except float32 on CPU, where XLA's bfloat16
+        attention dots run ~20x slower than float32 ones (and the cache is small beside the weights)."""
+        return jnp.float32 if jax.default_backend() == "cpu" else self.dtype
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        return init_cache(self.config, batch, max_len, self.cache_dtype)
+
+    def step(self, ids, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Run ids [batch, seq] at positions cache.pos.. through the cache (which is consumed)."""
+        return self._step(self.params, jnp.asarray(ids, jnp.int32), cache)
+
+    def with_config(self, **changes) -> "Model":
+        """The same weights under changed settings, e.g. `with_config(capacity_factor=1.25)`."""
+        return Model(self.config.replace(**changes), self.params, self.source, self.mesh)
+
+    @functools.cached_property
+    def n_params(self) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
+
+
+def load_model(path: str | Path, dtype: str = "auto", capacity_factor: float = 0.0,
+               devices: int | None = None) -> Model:
+    """Load a Hugging Face-format checkpoint folder (config.json + safetensors).
+
+    devices: how many devices to spread the experts over (None: all local accelerators, all
+    devices of a multi-process run, or one CPU device); see `moecli.model.sharding`."""
+    config = load_config(path)
+    if capacity_factor:
+        config = config.replace(capacity_factor=capacity_factor)
+    mesh = make_mesh(config, devices)
+    return Model(config, load_params(path, config, resolve_dtype(dtype), mesh), source=str(path), mesh=mesh)

@@ -1,0 +1,187 @@
+"""Text in, text out: the public API over the model, tokenizer and decoder.
+
+    from moecli import load, generate, stream_generate
+    model, tokenizer = load("weights/bardmoe")          # a folder or a Hub repo id
+    print(generate(model, tokenizer, "To be, or not to be", max_tokens=40, temperature=0.7))
+    for piece in stream_generate(model, tokenizer, "Friends, Romans,"):
+        print(piece, end="", flush=True)
+
+Prompts are raw text (continued as is) or a list of chat messages (rendered with the checkpoint's
+chat template). Text streams out piece by piece, never splitting a UTF-8 character, and stops at
+an eos id, at a stop string (not printed) or at the token limit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+
+from moecli.text.chat_template import encode_chat
+from moecli.inference.engine import Model, load_model
+from moecli.errors import UsageError
+from moecli.inference.decoder import Decoder, bucket
+from moecli.runtime import enable_compilation_cache
+from moecli.inference.sampling import SamplingParams
+from moecli.text.tokenizer import Tokenizer
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """What `moe generate --verbose` and `/stats` report about one generation."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0       # chat: prompt tokens already in the KV cache, not prefilled again
+    prefill_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0          # launch of the request to the first token on the host
+    compile_s: float = 0.0
+    stopped_by: str = ""         # eos | stop string | max tokens | context full | interrupted
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.decode_s and self.generated_tokens > 1 else 0.0
+
+
+def peak_memory_mb() -> tuple[float, float | None]:
+    """(peak host RSS, peak device memory or None where the backend does not say), in MB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    stats = jax.devices()[0].memory_stats() or {}
+    device = stats.get("peak_bytes_in_use")
+    return host, (device / 2**20 if device is not None else None)
+
+
+def load(path_or_repo: str | Path, dtype: str = "auto", revision: str | None = None,
+         devices: int | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer from a local folder or a Hub repo id (downloaded if needed);
+    `devices` spreads the experts over that many devices."""
+    from moecli.hub.download import resolve_model
+
+    enable_compilation_cache()
+    folder = resolve_model(str(path_or_repo), revision=revision)
+    tokenizer = Tokenizer.from_dir(folder)  # a missing tokenizer fails fast, before the weights load
+    return load_model(folder, dtype=dtype, devices=devices), tokenizer
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_template: bool = True,
+               template_vars: dict | None = None) -> list[int]:
+    """Token ids for raw text, for chat messages rendered with the checkpoint's template (with
+    extra template variables, e.g. the bundled model's `user_speaker`), or token ids as they are."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        if not prompt:
+            raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
+        return list(prompt)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
+        if chat_template and tokenizer.chat_template:
+            return encode_chat(tokenizer, [{"role": "user", "content": prompt}], **(template_vars or {}))
+        return tokenizer.encode(prompt)
+    return encode_chat(tokenizer, prompt, **(template_vars or {}))
+
+
+class StopStrings:
+    """Holds back streamed text that could be the start of a stop string, and cuts at one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.pending, self.hit = tuple(s for s in stops if s), "", False
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, out, self.pending = True, self.pending[:cut], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
+                          max_tokens: int, stop: tuple[str, ...] = (), stats: GenerationStats | None = None,
+                          should_stop=lambda: False) -> Iterator[str]:
+    """The decoding loop at the text level; shared by `stream_generate` and `moe chat`.
+
+    `should_stop()` is polled between tokens (the chat's Ctrl-C handler sets it), so an
+    interruption never lands inside a device call and the cache stays consistent."""
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens, compiled_before = len(ids), decoder.compile_s
+    detok, stops = tokenizer.incremental_decoder(), StopStrings(stop)
+    eos = tuple(tokenizer.eos_ids) or tuple(decoder.model.config.eos_token_ids)
+    start = last = time.perf_counter()
+    stats.stopped_by = "max tokens"
+    for n, token in enumerate(decoder.tokens(ids, params, max_tokens, stop_ids=eos), start=1):
+        now = time.perf_counter()
+        if n == 1:
+            stats.ttft_s = now - start
+            stats.prefill_s = stats.ttft_s - (decoder.compile_s - compiled_before)
+        stats.generated_tokens, last = n, now
+        if token in eos:
+            stats.stopped_by = "eos"
+            break
+        text = stops.push(detok.add(token))
+        if text:
+            yield text
+        if stops.hit:
+            stats.stopped_by = "stop string"
+            break
+        if should_stop():
+            stats.stopped_by = "interrupted"
+            break
+    else:
+        if decoder.pos >= decoder.max_len:
+            stats.stopped_by = "context full"
+    if not stops.hit:
+        tail = stops.push(detok.flush()) + ("" if stops.hit else stops.flush())
+        if tail:
+            yield tail
+    stats.compile_s = decoder.compile_s - compiled_before
+    stats.decode_s = max(0.0, last - start - stats.ttft_s)
+
+
+def decoder_for(model: Model, n_prompt: int, max_tokens: int, context: int = DEFAULT_CONTEXT) -> Decoder:
+    """A decoder whose cache fits the prompt and the reply (a bucket, so lengths share programs)."""
+    if context <= 0:
+        raise UsageError(f"the context window must be positive, got {context}", "pass e.g. --context 4096")
+    limit = min(context, model.config.max_position_embeddings)
+    if n_prompt >= limit:
+        raise UsageError(f"the prompt has {n_prompt} tokens but the context window is {limit}",
+                         "shorten the prompt (moecli does not truncate it silently)")
+    return Decoder(model, max_len=min(limit, bucket(n_prompt + max_tokens, 1 << 30)))
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict] | list[int], *,
+                    max_tokens: int = 256, stop: tuple[str, ...] = (), chat_template: bool = True,
+                    context: int = DEFAULT_CONTEXT, stats: GenerationStats | None = None,
+                    decoder: Decoder | None = None, **sampling) -> Iterator[str]:
+    """Yield the reply to `prompt` (text, chat messages or token ids) as text pieces. `sampling`:
+    temperature, top_p, top_k, min_p, repetition_penalty, seed (`moecli.inference.sampling.SamplingParams`).
+    Pass a `decoder` (from `decoder_for`) to capture routing or mask experts on it."""
+    params = SamplingParams(**sampling)
+    params.validate()
+    if max_tokens <= 0:
+        raise UsageError(f"max tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
+    ids = prompt_ids(tokenizer, prompt, chat_template)
+    decoder = decoder or decoder_for(model, len(ids), max_tokens, context)
+    yield from stream_tokens_as_text(decoder, tokenizer, ids, params, max_tokens, stop, stats)
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict], **kwargs) -> str:
+    """The whole reply to `prompt` as one string (same arguments as `stream_generate`)."""
+    return "".join(stream_generate(model, tokenizer, prompt, **kwargs))

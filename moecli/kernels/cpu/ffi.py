@@ -1,0 +1,206 @@
+"""Hand-written CPU kernels for the MoE experts and attention, compiled on first use, called from jitted code.
+
+XLA:CPU is fast at one large matrix product but slow where a MoE model spends its time:
+- decoding (csrc/cpu_kernels.cc): it copies a dynamically chosen expert's weights before
+  multiplying, runs a 2 MB matrix-vector product on one core, and turns bfloat16 weights into a
+  float32 copy first. The kernels read each chosen weight once, in place, on every core of XLA's
+  own thread pool, widening bfloat16 to float32 in registers.
+- prompts (csrc/grouped_gemm.cc): each expert gets a run-time number of tokens, which static
+  shapes can only pad; the kernel is one grouped matrix product over exactly those tokens. The
+  dense products go through the same engine (XLA's float32 dot is ~20% slower one after another,
+  its bfloat16 dot slower still).
+- attention (csrc/attention.cc): XLA computes and masks scores over the whole fixed-size cache;
+  the kernel visits only the keys each query may see (online softmax, as in FlashAttention).
+They are XLA FFI custom calls (`jax.ffi`), so they compose with jit, scan and the rest of the
+model; the pure-JAX paths in `moe.py` and `layers.py` compute the same thing, are what the tests
+compare them against, and give the gradients (`with_reference_gradient`). One more, the loader's
+transpose (csrc/transpose.cc, `transpose_into`), is a plain C function called through ctypes.
+Numbers in BENCHMARKS.md.
+
+The shared library is built with the system C++ compiler ($CXX, else g++ or c++) into moecli's
+cache folder the first time it is needed (~15 s), keyed by the sources, the jaxlib version and the
+CPU. No compiler, a failed build or MOECLI_CPU_KERNELS=0: moecli runs the pure-JAX paths instead
+(`status()` says why), slower but the same numbers up to float32 rounding.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moecli import env
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
+_why_not: str | None = None
+_library: ctypes.CDLL | None = None
+
+
+def _cpu_signature() -> str:
+    """What -march=native compiles for: the CPU model and flags (a cache shared by machines must
+    not hand one CPU's binary to another)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    from moecli.runtime import cache_dir
+
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    flags = ["-O3", "-DNDEBUG", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
+             f"-I{jax.ffi.include_dir()}"]
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), jax.__version__, _cpu_signature(), compiler, *flags])
+                         .encode()).hexdigest()[:16]
+    library = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # build aside, then rename: atomic
+        built = Path(tmp) / library.name
+        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True,
+                                timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"building the CPU kernels failed: {result.stderr.strip()[-500:]}")
+        built.replace(library)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the CPU kernels are built and registered with XLA (builds them on first call)."""
+    global _why_not
+    if not env.switch("MOECLI_CPU_KERNELS"):
+        _why_not = "turned off by MOECLI_CPU_KERNELS=0"
+        return False
+    try:
+        global _library
+        library = _library = ctypes.CDLL(str(_build()))
+        for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec"),
+                             ("moecli_grouped_experts", "MoecliGroupedExperts"), ("moecli_attention", "MoecliAttention"),
+                             ("moecli_matmul", "MoecliMatmul")):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        _why_not = str(e)
+        return False
+    return True
+
+
+BF16_ENGINES = ("amx", "dpbf16", "float32")  # csrc/grouped_gemm.cc's bf16_engine(), best first
+
+
+def bf16_engine() -> str | None:
+    """What multiplies a prompt's bfloat16 weights: "amx" (AMX tiles, csrc/gemm_amx.h), "dpbf16"
+    (AVX512-BF16 dot products, csrc/gemm_dpbf16.h) or "float32" (widened to float32); the first
+    two round activations to bfloat16. The best the CPU has, unless MOECLI_CPU_BF16 names a lower
+    one. None without the kernels."""
+    return BF16_ENGINES[_library.MoecliBf16Engine()] if available() else None
+
+
+def status() -> str:
+    """One line for --verbose: are the kernels in use, and if not, why."""
+    if not available():
+        return f"CPU kernels: off ({_why_not})"
+    engine = {"amx": "AMX tiles", "dpbf16": "AVX512-BF16"}.get(bf16_engine())
+    return "CPU kernels: on" + (f" (bfloat16 prompts on {engine})" if engine else "")
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(status())
+
+
+DECODE_ROWS = 8  # up to this many rows a product is a few matrix-vector products (decoding)
+
+
+def on() -> bool:
+    """Whether to call the kernels (decided at trace time): CPU backend and kernels built."""
+    return jax.default_backend() == "cpu" and available()
+
+
+def use_for(rows: int) -> bool:
+    """Whether a dense product of `rows` rows goes through `matvec`: decoding on CPU."""
+    return rows <= DECODE_ROWS and on()
+
+
+def with_reference_gradient(kernel, reference):
+    """kernel(*args) on the forward pass; gradients (training) through the pure-JAX `reference`,
+    which computes the same thing: JAX cannot differentiate a custom call or a Pallas kernel."""
+    f = jax.custom_vjp(kernel)
+    f.defvjp(lambda *args: (kernel(*args), args), lambda args, g: jax.vjp(reference, *args)[1](g))
+    return f
+
+
+def experts(x, expert_ids, gate_weights, w_gate, w_up, w_down) -> jax.Array:
+    """sum_k gate_weights[t, k] * SwiGLU_{expert_ids[t, k]}(x[t]) for tokens x [t, d]; returns x's dtype.
+    Weights [experts, d, f] / [experts, f, d] in float32 or bfloat16; ids outside [0, experts) skipped.
+    A few tokens (decoding) run as matrix-vector products split over the cores
+    (csrc/cpu_kernels.cc); more (a prompt) as one grouped matrix product (csrc/grouped_gemm.cc)."""
+    _require()
+    kernel = "moecli_experts" if x.shape[0] <= DECODE_ROWS else "moecli_grouped_experts"
+    call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    y = call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), gate_weights.astype(jnp.float32),
+             w_gate, w_up, w_down)
+    return y.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, window: int | None) -> jax.Array:
+    """Causal softmax(q k) v for q [batch, kv_heads, group, t, head_dim] (already scaled) at positions
+    start.. over keys [batch, kv_heads, head_dim, len] and values [batch, kv_heads, len, head_dim]:
+    each query sees the keys at or before its position (within `window` positions, if given).
+    Returns float32 [batch, kv_heads, group, t, head_dim]."""
+    _require()
+    call = jax.ffi.ffi_call("moecli_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                jnp.asarray(start, jnp.int32).reshape(()), window=np.int64(window or 0))
+
+
+def _product(target: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] through the kernel `target`, accumulated in float32; returns x's dtype."""
+    _require()
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32))
+    return call(rows, w).reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] for a prompt's rows, w float32 or bfloat16 (see `bf16_engine`)."""
+    return _product("moecli_matmul", x, w)
+
+
+_TRANSPOSE_KINDS = {("float32", "float32"): 0, ("bfloat16", "bfloat16"): 1, ("bfloat16", "float32"): 2}
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray) -> bool:
+    """dst[...] = src with its last two axes swapped (and bfloat16 widened to a float32 dst), by the
+    tiled copy of csrc/transpose.cc: ~4x numpy's on the development VM, which made transposing
+    half of loading a checkpoint. Both arrays C-contiguous. Used on any backend (the host reads the
+    checkpoint either way), so on a GPU machine it builds the library too. Returns False, copying
+    nothing, where it does not apply (kernels unavailable or off, other dtypes): the caller copies."""
+    kind = _TRANSPOSE_KINDS.get((src.dtype.name, dst.dtype.name))
+    if (kind is None or src.ndim < 2 or dst.shape != (*src.shape[:-2], src.shape[-1], src.shape[-2])
+            or not (src.flags.c_contiguous and dst.flags.c_contiguous) or not available()):
+        return False
+    rows, cols = src.shape[-2:]
+    function = _library.MoecliTranspose
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return function(src.ctypes.data, dst.ctypes.data, src.size // max(rows * cols, 1), rows, cols, kind) == 0
+
+
+def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] for a few rows (decoding), w float32 or bfloat16."""
+    return _product("moecli_matvec", x, w)

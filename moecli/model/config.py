@@ -1,0 +1,184 @@
+"""The model's hyperparameters, one dataclass with every one of them independent.
+
+Nothing here is derived from anything else: `head_dim` is not `d_model // n_heads`, the expert
+FFN size is not the dense FFN size, and which layers are MoE is an explicit tuple. Checkpoint
+families (`moecli.checkpoints.families`) translate their `config.json` into a `ModelConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from moecli.errors import ConfigError
+
+DAMAGED = "the checkpoint's config.json is damaged; re-download it"
+MAX_DIM = 2**31 - 1        # any one size (vocabulary, width, heads, experts, context)
+MAX_LAYERS = 10_000
+MAX_PARAMS = 2**48         # far beyond any model; keeps every shape computation in int64
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (see `moecli.model.layers.rope_frequencies`)."""
+
+    theta: float = 10000.0
+    kind: str = "default"          # default | linear | yarn
+    factor: float = 1.0            # context extension factor (linear, yarn)
+    original_max_positions: int = 0  # yarn: the context length the model was trained with
+    beta_fast: float = 32.0        # yarn: ramp boundaries, in rotations
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0  # yarn: scales cos/sin ("mscale")
+    truncate: bool = True          # yarn: round the ramp boundaries to whole dimensions
+
+    def validate(self) -> None:
+        """ConfigError for settings `moecli.model.layers.rope_frequencies` cannot compute with."""
+        finite = all(math.isfinite(x) for x in (self.theta, self.factor, self.beta_fast, self.beta_slow,
+                                                 self.attention_factor))
+        if not finite or self.theta <= 0 or self.factor <= 0:
+            raise ConfigError(f"rope parameters must be finite with theta > 0 and factor > 0, got theta="
+                              f"{self.theta}, factor={self.factor}", DAMAGED)
+        if self.kind == "yarn" and not (self.theta > 1 and self.beta_fast > 0 and self.beta_slow > 0
+                                        and self.original_max_positions > 0):
+            raise ConfigError("yarn rope parameters need rope_theta > 1, beta_fast > 0, beta_slow > 0 and "
+                              f"original_max_position_embeddings > 0, got {self}", DAMAGED)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every hyperparameter of the MoE transformer, independent of the others."""
+
+    family: str                   # the checkpoint's model_type (mixtral, qwen2_moe, ...)
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int                  # query heads
+    n_kv_heads: int               # key/value heads: n_heads for MHA, 1 for MQA, between for GQA
+    head_dim: int
+    d_ff: int                     # dense MLP hidden size (dense layers only)
+    d_expert: int                 # each expert's hidden size
+    n_experts: int
+    top_k: int
+    moe_layers: tuple[bool, ...]  # per layer: True = MoE block, False = dense MLP
+    d_shared_expert: int = 0      # Qwen2-MoE's always-on shared expert (0 = none)
+    norm_topk_prob: bool = True   # renormalise the top-k gate weights to sum to 1
+    capacity_factor: float = 0.0  # 0 = dropless routing; > 0 = capacity routing
+    rope: RopeConfig = RopeConfig()
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str = "none"         # none | head (per head, Qwen3) | full (whole projection, OLMoE)
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()  # per layer: window applies (empty = every layer)
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        # Everything a damaged config.json could get wrong is caught here, as one ConfigError naming the
+        # field, before any shape is computed from it.
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "max_position_embeddings"):
+            if not 0 < getattr(self, name) <= MAX_DIM:
+                raise ConfigError(f"{name} must be between 1 and {MAX_DIM}, got {getattr(self, name)}", DAMAGED)
+        for name in ("d_ff", "d_expert", "n_experts", "top_k", "d_shared_expert"):
+            if not 0 <= getattr(self, name) <= MAX_DIM:
+                raise ConfigError(f"{name} must be between 0 and {MAX_DIM}, got {getattr(self, name)}", DAMAGED)
+        if self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"n_layers={self.n_layers} is more than moecli supports ({MAX_LAYERS})", DAMAGED)
+        if len(self.moe_layers) != self.n_layers:
+            raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries for {self.n_layers} layers")
+        if self.sliding_layers and len(self.sliding_layers) != self.n_layers:
+            raise ConfigError(f"layer_types has {len(self.sliding_layers)} entries for {self.n_layers} layers",
+                              DAMAGED)
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.n_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}", DAMAGED)
+        if any(self.moe_layers):
+            if not 1 <= self.top_k <= self.n_experts:
+                raise ConfigError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
+            if self.d_expert <= 0:
+                raise ConfigError(f"the experts' hidden size must be positive, got {self.d_expert}", DAMAGED)
+        if not all(self.moe_layers) and self.d_ff <= 0:
+            raise ConfigError(f"the dense layers' intermediate_size must be positive, got {self.d_ff}", DAMAGED)
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
+            raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.norm_eps}", DAMAGED)
+        if not (math.isfinite(self.capacity_factor) and self.capacity_factor >= 0):
+            raise ConfigError(f"capacity_factor must be >= 0, got {self.capacity_factor}")
+        for name in ("sliding_window", "clip_qkv"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be positive, got {value}", DAMAGED)
+        self.rope.validate()
+        total = self.parameter_counts()[0]
+        if total > MAX_PARAMS:
+            raise ConfigError(f"config.json describes a model of {total:.3g} parameters", DAMAGED)
+
+    def uses_window(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return not self.sliding_layers or self.sliding_layers[layer]
+
+    def capacity(self, n_tokens: int) -> int:
+        """Slots per expert in capacity mode: ceil(capacity_factor * tokens * top_k / n_experts)."""
+        return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameter counts; active counts top_k experts per MoE layer."""
+        d, h = self.d_model, self.head_dim
+        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+        attn += (h * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        attn += {"none": 0, "head": 2 * h, "full": h * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
+        expert = 3 * d * self.d_expert
+        shared = 3 * d * self.d_shared_expert + (d if self.d_shared_expert else 0)
+        total = active = 0
+        for is_moe in self.moe_layers:
+            base = attn + 2 * d
+            if is_moe:
+                total += base + d * self.n_experts + self.n_experts * expert + shared
+                active += base + d * self.n_experts + self.top_k * expert + shared
+            else:
+                total += base + 3 * d * self.d_ff
+                active += base + 3 * d * self.d_ff
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        return total + embed, active + embed
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def read_config_json(checkpoint: str | Path) -> dict:
+    """Read `config.json` from a checkpoint folder, with errors a user can act on."""
+    path = Path(checkpoint) / "config.json"
+    if not Path(checkpoint).is_dir():
+        raise ConfigError(f"{checkpoint} is not a folder", "pass a checkpoint directory or a Hub repo id")
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {checkpoint}",
+                          "this folder is not a Hugging Face checkpoint; run `moe download REPO` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}", "check the file's permissions") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise ConfigError(f"{path} is not valid JSON ({reason})", "re-download the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object", "re-download the checkpoint")
+    return data
+
+
+def load_config(checkpoint: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint folder (dispatches on `model_type`)."""
+    from moecli.checkpoints.families import FAMILIES, config_from_hf
+
+    data = read_config_json(checkpoint)
+    if not isinstance(data.get("model_type"), str):
+        raise ConfigError(f"config.json in {checkpoint} names no model_type",
+                          f"moecli runs transformers checkpoints of these types: {', '.join(FAMILIES)}")
+    return config_from_hf(data)
