@@ -24,15 +24,15 @@ fi
 export PYTHONUNBUFFERED=1 MOECLI_CACHE=/tmp/moecli-cache
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, torch, transformers; print(jax.__version__, jax.devices(), torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -c "from moecli import gpu_kernels; print(gpu_kernels.status())" | tee -a "$OUT/gpu.txt"
+python3 -c "from moecli.kernels.gpu import pallas; print('Pallas self-check:', pallas.self_check() or 'passed')" | tee -a "$OUT/gpu.txt"
 # One MoE layer's decode: the Pallas kernel, the pure-JAX scan and the HBM floor (issue 6's shapes).
 timeout 120 python3 bench/gpu_layer.py 2>&1 | tee "$OUT/layer.txt" | tail -4
-# OLMoE side by side, then the Pallas expert kernels (moecli/gpu_kernels.py) against the pure-JAX
-# scans they replace, on the same files; then the big shape that fits: Mixtral-8x7B (93 GB bf16) only
+# OLMoE side by side (plain XLA, the GPU default), then the Pallas expert kernels
+# (moecli/kernels/gpu/pallas.py, opt-in with MOECLI_GPU_KERNELS=1) against those XLA paths, on the same files; then the big shape that fits: Mixtral-8x7B (93 GB bf16) only
 # on an H200, Qwen3-30B-A3B (61 GB) on an H100.
 timeout 240 python3 -m moecli bench olmoe-1b-7b --compare-hf --dtype bfloat16 --json "$OUT/olmoe-1b-7b.json" 2>&1 | tail -25
-MOECLI_GPU_KERNELS=0 timeout 120 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \
-  --json "$OUT/olmoe-1b-7b-scan.json" 2>&1 | tail -25
+MOECLI_GPU_KERNELS=1 timeout 120 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \
+  --json "$OUT/olmoe-1b-7b-pallas.json" 2>&1 | tail -25
 big=qwen3-30b-a3b
 python3 -c "import torch; exit(0 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 1)" && big=mixtral-8x7b
 timeout 240 python3 -m moecli bench "$big" --compare-hf --dtype bfloat16 --json "$OUT/$big.json" 2>&1 | tail -25

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from moecli.kernels.gpu import pallas as gpu_kernels
-from moecli.model.moe import Routing, experts_blocked, experts_gpu_grouped, experts_scanned
+from moecli.kernels.gpu.backend import experts_grouped
+from moecli.model.experts import experts_blocked, experts_scanned
+from moecli.model.router import Routing
 
 SHAPES = {"mixtral-8x7b": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768),
           "olmoe-1b-7b": (64, 8, 2048, 1024)}  # experts, top_k, d_model, expert FFN
@@ -47,7 +49,7 @@ def main(small: bool) -> None:
     prompt_len = 20 if small else 512
     bandwidth = bandwidth_gb_s(0.01 if small else 2.0)
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "bandwidth_gb_s": bandwidth,
-               "kernel": gpu_kernels.status()}
+               "kernel_self_check": gpu_kernels.self_check() or "passed"}
     for name, (n_experts, top_k, d, f) in shapes.items():
         keys = jax.random.split(jax.random.PRNGKey(0), 4)
         w_gate, w_up = (jax.random.normal(k, (n_experts, d, f), jnp.bfloat16) * 0.02 for k in keys[:2])
@@ -67,7 +69,7 @@ def main(small: bool) -> None:
         xp = jax.random.normal(keys[3], (prompt_len, d), jnp.bfloat16)
         ids_p = jax.random.randint(keys[0], (prompt_len, top_k), 0, n_experts, jnp.int32)
         routing = Routing(ids_p, jnp.full((prompt_len, top_k), 1.0 / top_k, jnp.float32), None)
-        grouped = jax.jit(lambda x, r, *w: experts_gpu_grouped(x, *w, r, n_experts))
+        grouped = jax.jit(lambda x, r, *w: experts_grouped(x, *w, r, n_experts))
         blocked = jax.jit(lambda x, r, *w: experts_blocked(x, *w, r, n_experts))
         flops = prompt_len * top_k * 3 * 2 * d * f
         row["prompt_kernel_ms"] = best_time_s(grouped, xp, routing, w_gate, w_up, w_down, repeat=10) * 1e3

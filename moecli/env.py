@@ -44,10 +44,13 @@ VARIABLES = {v.name: v for v in (
 )}
 
 
+_overrides: dict[str, str] = {}
+
+
 def _raw(name: str) -> str | None:
     if name not in VARIABLES:
         raise KeyError(f"{name} is not declared in moecli.env.VARIABLES")
-    return os.environ.get(name)
+    return _overrides.get(name, os.environ.get(name))
 
 
 def switch(name: str) -> bool:
@@ -57,7 +60,17 @@ def switch(name: str) -> bool:
         return True
     if value in FALSE:
         return value == "" and VARIABLES[name].default == "on"
-    raise UsageError(f"{name}={os.environ[name]!r} is not a switch", f"set {name} to 1 (on) or 0 (off), or unset it")
+    raise UsageError(f"{name}={_raw(name)!r} is not a switch", f"set {name} to 1 (on) or 0 (off), or unset it")
+
+
+def override(name: str, value: str | None) -> None:
+    """Let a command-line flag stand for a variable in this process (e.g. --debug for MOECLI_DEBUG),
+    so code far from the CLI sees it; None drops the override (the environment decides again)."""
+    _raw(name)
+    if value is None:
+        _overrides.pop(name, None)
+    else:
+        _overrides[name] = value
 
 
 def text(name: str) -> str | None:

@@ -3,9 +3,20 @@
 Every failure moecli expects (a bad checkpoint, a bad flag, a failed download) raises a
 subclass of `MoecliError` carrying one line that says what is wrong and, in `hint`, what to do.
 The CLI turns these into a single stderr line and a non-zero exit code in one place
-(`moecli.cli.app`); nothing else catches and prints.
+(`moecli.cli.app`). Only the top level catches them: the command handler, and the chat REPL,
+which reports a failed reply and keeps the conversation.
 """
 from __future__ import annotations
+
+def first_line(err: BaseException | str, limit: int = 200) -> str:
+    """The first non-blank line of an exception's message (or of a text), at most `limit`
+    characters; an exception with no message gives its type's name. For quoting a library's error
+    in one of moecli's one-line messages."""
+    text = err if isinstance(err, str) else str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else ("" if isinstance(err, str) else type(err).__name__)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
 
 #: The fix for a quantized checkpoint, wherever it is detected (config.json or a tensor's dtype).
 QUANTIZED_HINT = ("use the model's unquantized float16/bfloat16 release "

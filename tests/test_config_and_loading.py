@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_models import build, save
 from moecli import load_model
-from moecli.model.config import load_config
+from moecli.checkpoints.families import load_config
 from moecli.errors import CheckpointError, ConfigError
 from moecli.checkpoints.families import config_from_hf
 

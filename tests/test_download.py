@@ -16,7 +16,7 @@ import pytest
 from fakehub import FakeHub
 
 from moecli.hub import download as hub
-from moecli.model.config import load_config
+from moecli.checkpoints.families import load_config
 from moecli.errors import CheckpointError, ConfigError, DownloadError, ResourceError
 
 REPO = "org/tiny-mixtral"

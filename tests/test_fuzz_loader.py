@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hf_models import build, save
+from moecli.checkpoints.safetensors import SAFETENSORS_DTYPES
 from moecli.hub import download as hub
-from moecli.model.config import load_config
+from moecli.checkpoints.families import load_config
 from moecli.inference.engine import load_model
 from moecli.errors import MoecliError
 
@@ -203,7 +204,7 @@ def apply_header_edits(header: dict, edits) -> dict:
                 continue
             size = offsets[1] - offsets[0]
             try:
-                itemsize = np.dtype(hub.SAFETENSORS_DTYPES[value]).itemsize
+                itemsize = np.dtype(SAFETENSORS_DTYPES[value]).itemsize
             except TypeError:
                 itemsize = 1
             entry.update(dtype=value, shape=[size // itemsize] if value != "F4" else [size * 2])

@@ -1,7 +1,8 @@
-"""The GPU expert kernels (moecli/gpu_kernels.py), run in Pallas's interpreter on CPU against the
+"""The GPU expert kernels (moecli/kernels/gpu/pallas.py, wired in by moecli/kernels/gpu/backend.py), run in Pallas's interpreter on CPU against the
 pure-JAX experts, and lowered for CUDA (Pallas to Triton) to check that a GPU build accepts it."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import subprocess
@@ -13,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moecli.kernels.cpu import ffi as cpu_kernels
+from moecli.kernels.gpu import backend as gpu_backend
 from moecli.kernels.gpu import pallas as gpu_kernels
-from moecli.model import moe
 from moecli.model.config import ModelConfig
+from moecli.model.experts import experts_dense
+from moecli.model.ops import XLA
+from moecli.model.router import Routing, route
 from moecli.model.transformer import init_cache, transformed
-from moecli.model.moe import Routing, experts_dense, route
 
 
 def random_experts(key, n_experts, d, f, dtype):
@@ -69,7 +71,7 @@ def test_grouped_matmul_multiplies_each_block_by_its_expert():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_prompt_experts_on_the_grouped_kernel_equal_dense(monkeypatch, dtype):
-    """A prompt's experts through `moe.experts_gpu_grouped` (the kernel interpreted), also with
+    """A prompt's experts through `gpu_backend.experts_grouped` (the kernel interpreted), also with
     another device's assignments left out."""
     monkeypatch.setattr(gpu_kernels, "grouped_matmul", functools.partial(gpu_kernels.grouped_matmul, interpret=True))
     n_experts, top_k, d, f, tokens = 6, 2, 64, 96, 20
@@ -80,13 +82,13 @@ def test_prompt_experts_on_the_grouped_kernel_equal_dense(monkeypatch, dtype):
     flat = Routing(*(t[0] for t in routing))
     tolerance = dict(rtol=2e-2, atol=5e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-4)
     upcast = [a.astype(jnp.float32) for a in (x, *weights)]
-    got = moe.experts_gpu_grouped(x, *weights, flat, n_experts)
+    got = gpu_backend.experts_grouped(x, *weights, flat, n_experts)
     assert got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(experts_dense(*upcast, flat, n_experts)),
                                **tolerance)
     here = flat.experts < 4  # experts 4 and 5 live on another device: renumbered 4, weight 0
     local = Routing(jnp.where(here, flat.experts, 4), jnp.where(here, flat.weights, 0.0), None)
-    got = moe.experts_gpu_grouped(x, *(w[:4] for w in weights), local, 4, elsewhere=True)
+    got = gpu_backend.experts_grouped(x, *(w[:4] for w in weights), local, 4, elsewhere=True)
     want = experts_dense(*upcast, Routing(jnp.minimum(local.experts, 5), local.weights, None), n_experts)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **tolerance)
 
@@ -107,7 +109,7 @@ def test_kernel_lowers_for_cuda_with_triton(n_experts, top_k, d, f):
     # a 512-token prompt: the grouped kernel
     prompt = (spec((512, d), jnp.bfloat16), *args[3:], Routing(spec((512, top_k), jnp.int32),
                                                                  spec((512, top_k), jnp.float32), None))
-    lowered = jax.jit(functools.partial(moe.experts_gpu_grouped, n_experts=n_experts)).trace(*prompt).lower(
+    lowered = jax.jit(functools.partial(gpu_backend.experts_grouped, n_experts=n_experts)).trace(*prompt).lower(
         lowering_platforms=("cuda",))
     assert "custom_call @__gpu$xla.gpu.triton" in lowered.as_text()
 
@@ -120,7 +122,7 @@ def test_stacks_the_kernel_cannot_take_fall_back_to_the_scan(monkeypatch):
     weights = random_experts(jax.random.PRNGKey(1), 4, 64, 50, jnp.float32)
     x = jax.random.normal(jax.random.PRNGKey(2), (1, 64))
     routing = Routing(jnp.array([[3, 1]]), jnp.array([[0.7, 0.3]]), None)
-    got = moe.experts_gpu_kernel(x, *weights, routing, 4)
+    got = gpu_backend.experts_decode(x, *weights, routing, 4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(experts_dense(x, *weights, routing, 4)), rtol=1e-5, atol=1e-5)
 
 
@@ -129,28 +131,36 @@ def test_a_prompt_and_a_decode_step_pick_the_kernels_on_gpu_and_match_the_pure_j
     the grouped kernel, a decode step on the gathering one, against the scan paths."""
     c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                     d_ff=0, d_expert=48, n_experts=4, top_k=2, moe_layers=(True, True))
-    model = transformed(c)
     ids, token = jnp.array([[5, 9, 2, 7]]), jnp.array([[11]])
-    params = model.init(jax.random.PRNGKey(0), ids)
+    params = transformed(c).init(jax.random.PRNGKey(0), ids)
 
-    def prompt_then_token():
+    def prompt_then_token(ops):
+        model = transformed(c, ops=ops)
         logits, cache, _ = model.apply(params, ids, init_cache(c, 1, 8))
         return logits, model.apply(params, token, cache)[0]
 
-    monkeypatch.setattr(cpu_kernels, "on", lambda: False)
-    want = prompt_then_token()
-    picked = []
-    monkeypatch.setattr(gpu_kernels, "on", lambda: True)
+    want = prompt_then_token(XLA)
+    monkeypatch.setenv("MOECLI_GPU_KERNELS", "1")
+    monkeypatch.setattr(gpu_kernels, "self_check", lambda: None)
     monkeypatch.setattr(gpu_kernels, "experts", functools.partial(gpu_kernels.experts, interpret=True))
     monkeypatch.setattr(gpu_kernels, "grouped_matmul", functools.partial(gpu_kernels.grouped_matmul, interpret=True))
-    pick = moe.pick_experts
-    monkeypatch.setattr(moe, "pick_experts", lambda *a: picked.append(pick(*a)) or picked[-1])
-    got = prompt_then_token()
-    assert picked == [moe.experts_gpu_grouped] * 2 + [moe.experts_gpu_kernel] * 2
+    ops = gpu_backend.gpu_ops()
+    assert ops.name == "gpu-pallas"
+    picked = []
+    recording = dataclasses.replace(ops, experts=lambda *a: picked.append(ops.experts(*a)) or picked[-1])
+    got = prompt_then_token(recording)
+    assert picked == [gpu_backend.experts_grouped] * 2 + [gpu_backend.experts_decode] * 2
     for ours, theirs in zip(got, want):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-5)
-    monkeypatch.undo()
-    assert not gpu_kernels.on()  # no GPU here: the scans run
+
+
+def test_the_gpu_kernels_are_opt_in(monkeypatch):
+    """Never run on a GPU yet, so plain XLA is the GPU default; MOECLI_GPU_KERNELS=1 opts in."""
+    monkeypatch.delenv("MOECLI_GPU_KERNELS", raising=False)
+    monkeypatch.setattr(gpu_kernels, "self_check", lambda: pytest.fail("checked although off"))
+    ops = gpu_backend.gpu_ops()
+    assert ops.name == "xla" and ops.experts is XLA.experts
+    assert "opt-in" in ops.notes[0]
 
 
 def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypatch):
@@ -174,9 +184,13 @@ def test_self_check_turns_the_kernel_off_where_it_fails_or_miscomputes(monkeypat
     monkeypatch.setattr(gpu_kernels, "gathered_matvec", lambda *a, **k: interpreted(*a, **k) + 1)
     gpu_kernels.self_check.cache_clear()
     assert gpu_kernels.self_check() == "the self-check computed wrong numbers"
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not gpu_kernels.on()
-    assert gpu_kernels.status() == "GPU expert kernels: off (the self-check computed wrong numbers)"
+    monkeypatch.setenv("MOECLI_GPU_KERNELS", "1")
+    monkeypatch.delenv("MOECLI_DEBUG", raising=False)
+    ops = gpu_backend.gpu_ops()
+    assert ops.name == "xla" and ops.notes == ("GPU expert kernels: off (the self-check computed wrong numbers)",)
+    monkeypatch.setenv("MOECLI_DEBUG", "1")  # under --debug the failure is raised, not hidden
+    with pytest.raises(RuntimeError, match="wrong numbers"):
+        gpu_backend.gpu_ops()
     gpu_kernels.self_check.cache_clear()
 
 
@@ -189,18 +203,17 @@ def test_gpu_layer_benchmark_runs_its_smoke_test():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     small = result["small"]
-    assert small["kernel_us"] > 0 and small["prompt_kernel_ms"] > 0
     assert small["max_abs_diff"] < 1e-3 and small["prompt_max_abs_diff"] < 1e-3
 
 
-def test_verbose_says_whether_the_gpu_kernels_run(monkeypatch, capsys):
+def test_verbose_says_which_backend_runs(capsys):
     from types import SimpleNamespace
 
     from moecli.cli.commands.generate import print_stats
+    from moecli.model.ops import Ops
 
     stats = SimpleNamespace(prompt_tokens=3, prefill_tok_s=1.0, generated_tokens=2, decode_tok_s=1.0,
                             stopped_by="length", ttft_s=0.1, compile_s=0.0)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setenv("MOECLI_GPU_KERNELS", "0")
-    print_stats(stats)
-    assert "GPU expert kernels: off (MOECLI_GPU_KERNELS=0)" in capsys.readouterr().err
+    ops = Ops("xla", notes=("GPU expert kernels: off (opt-in: MOECLI_GPU_KERNELS=1)",))
+    print_stats(stats, SimpleNamespace(ops=ops))
+    assert "backend: xla; GPU expert kernels: off (opt-in: MOECLI_GPU_KERNELS=1)" in capsys.readouterr().err

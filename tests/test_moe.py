@@ -11,6 +11,7 @@ import pytest
 
 from moecli.model.config import ModelConfig
 from moecli.model.moe import MoEBlock
+from moecli.model.ops import XLA
 
 E, K, D, F = 4, 2, 8, 12
 
@@ -22,7 +23,7 @@ def config(capacity_factor: float) -> ModelConfig:
 
 
 def block(capacity_factor: float):
-    return hk.without_apply_rng(hk.transform(lambda x: MoEBlock(config(capacity_factor))(x)))
+    return hk.without_apply_rng(hk.transform(lambda x: MoEBlock(config(capacity_factor), XLA)(x)))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,8 @@ def test_capacity_formula():
 @pytest.mark.parametrize("tokens", [1, 3, 40, 300])
 def test_fast_dropless_paths_equal_dense_reference(tokens):
     """The scanned (few tokens) and block-sparse (many tokens) paths against all-experts dense."""
-    from moecli.model.moe import experts_blocked, experts_dense, experts_scanned, route
+    from moecli.model.experts import experts_blocked, experts_dense, experts_scanned
+    from moecli.model.router import route
 
     key = jax.random.PRNGKey(tokens)
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
@@ -128,19 +130,21 @@ def test_prefill_runs_the_last_feed_forward_for_the_logits_position_only(monkeyp
     """With logits_at, the last layer's feed-forward block runs for that one position (dropless
     routing; with capacity every token must run): the same logits and cache as the full forward,
     and every token still routed."""
-    from moecli.model import moe
+    import dataclasses
+
+    from moecli.model.ops import experts_xla
     from moecli.model.transformer import init_cache, transformed
 
     c = ModelConfig(family="mixtral", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
                     n_experts=4, top_k=2, d_expert=24, d_ff=40, capacity_factor=capacity_factor,
                     moe_layers=(True, True, last_layer_moe))
-    model = transformed(c)
+    tokens_per_call = []
+    counting = dataclasses.replace(XLA, experts=lambda n, *a: tokens_per_call.append(n) or experts_xla(n, *a))
+    model = transformed(c, ops=counting)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, 16)), jnp.int32)
     params = model.init(jax.random.PRNGKey(0), ids)
     full_logits, full_cache, full_routing = model.apply(params, ids, init_cache(c, 1, 32))
-    tokens_per_call = []
-    pick = moe.pick_experts
-    monkeypatch.setattr(moe, "pick_experts", lambda n, *a: tokens_per_call.append(n) or pick(n, *a))
+    tokens_per_call.clear()
     for at in (15, 9):
         logits, cache, routing = model.apply(params, ids, init_cache(c, 1, 32), None, jnp.int32(at))
         np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full_logits[:, at]), rtol=1e-5, atol=1e-5)

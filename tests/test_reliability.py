@@ -292,7 +292,7 @@ def test_folders_and_paths_that_are_not_checkpoints(tmp_path, plain):
     ("--top-p", 0, "top_p must be in (0, 1]"), ("--top-p", 1.5, "top_p must be in (0, 1]"),
     ("--top-k", -1, "top_k must be an integer >= 0"),
     ("--min-p", -0.1, "min_p must be in [0, 1]"), ("--min-p", 1.5, "min_p must be in [0, 1]"),
-    ("--max-tokens", 0, "--max-tokens must be positive"), ("--max-tokens", -3, "--max-tokens must be positive"),
+    ("--max-tokens", 0, "max_tokens must be positive"), ("--max-tokens", -3, "max_tokens must be positive"),
     ("--repetition-penalty", 0, "repetition_penalty must be > 0"),
     ("--dtype", "int4", "unknown dtype 'int4'"),
     ("--context", 0, "context window must be positive"),
@@ -464,7 +464,7 @@ def test_the_disk_filling_during_a_download(fake, repo_files, tmp_path, monkeypa
 
 def test_too_little_memory_is_refused_before_loading(plain, monkeypatch):
     from moecli.checkpoints import loader as checkpoint
-    from moecli.model.config import load_config
+    from moecli.checkpoints.families import load_config
 
     f32 = load_config(plain).parameter_counts()[0] * 4
     gpu = checkpoint.FreeMemory(f32 // 2 + 1000, "on cuda:0 (Fake GPU)", True)  # room for bfloat16, not float32
@@ -486,7 +486,7 @@ def test_too_little_memory_is_refused_before_loading(plain, monkeypatch):
 def test_the_memory_check_uses_the_real_figure(plain):
     """No patching: the tiny model fits, and the figure comes from the device or /proc/meminfo."""
     from moecli.checkpoints import loader as checkpoint
-    from moecli.model.config import load_config
+    from moecli.checkpoints.families import load_config
 
     free = checkpoint.available_memory()
     if Path("/proc/meminfo").exists():

@@ -1,9 +1,13 @@
 """Training: the router losses, `moe train` end to end on a tiny model (export parity with
-transformers, exact resume after an interruption), and the bundled model `weights/bardmoe`."""
+transformers, exact resume after an interruption, the pickle-free state and its errors), the
+command line generated from TrainConfig, and the bundled model `weights/bardmoe`."""
 from __future__ import annotations
 
+import ast
 import json
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -15,13 +19,16 @@ import transformers
 from typer.testing import CliRunner
 
 from moecli import load_model
-from moecli.training import data
-from moecli.training import train as train_mod
 from moecli.cli.main import app
 from moecli.text.chat_template import render_chat
 from moecli.text.tokenizer import Tokenizer
+from moecli.training import data
+from moecli.training import state as state_mod
+from moecli.training import train as train_mod
+from moecli.training.config import FIELDS
 
-BUNDLED = Path(__file__).resolve().parent.parent / "weights" / "bardmoe"
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "weights" / "bardmoe"
 TINY_FLAGS = ["--held-out", "macbeth", "--vocab-size", "400", "--layers", "2", "--d-model", "32", "--heads", "4",
               "--kv-heads", "2", "--head-dim", "8", "--experts", "4", "--top-k", "2", "--d-expert", "24",
               "--steps", "8", "--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--eval-interval", "4",
@@ -82,8 +89,9 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 def test_train_writes_a_checkpoint_moecli_and_transformers_load(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["architectures"] == ["MixtralForCausalLM"]
-    state = pickle.loads((tiny_run / "train_state" / "state.pkl").read_bytes())
-    assert state["step"] == 8
+    saved = state_mod.load_state(tiny_run)
+    assert saved.step == 8 and saved.train_config.steps == 8 and saved.train_config.held_out == ("macbeth",)
+    assert [p.suffix for p in (tiny_run / "train_state").glob("tensors-*")] == [".safetensors"]  # the old one went
     summary = json.loads((tiny_run / "train_state" / "summary.json").read_text())
     assert np.isfinite(summary["val_loss_dropless"]) and np.isfinite(summary["val_loss_capacity"])
 
@@ -120,6 +128,12 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_run, tiny_d
     out = tmp_path / "run"
     real = train_mod.sample_batch
 
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("moecli must never unpickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, no_unpickling)
+
     def interrupt_at_5(tokens, step, *args):
         if step == 5:
             raise KeyboardInterrupt
@@ -128,7 +142,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_run, tiny_d
     monkeypatch.setattr(train_mod, "sample_batch", interrupt_at_5)
     result = invoke("--out", out, "--data", tiny_data, *TINY_FLAGS)
     assert result.exit_code == 130
-    assert pickle.loads((out / "train_state" / "state.pkl").read_bytes())["step"] == 5
+    assert state_mod.load_state(out).step == 5
     monkeypatch.setattr(train_mod, "sample_batch", real)
 
     again = invoke("--out", out, "--data", tiny_data, *TINY_FLAGS)
@@ -137,10 +151,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tiny_run, tiny_d
     resumed = invoke("--out", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from step 5" in resumed.output
-    state = pickle.loads((out / "train_state" / "state.pkl").read_bytes())
-    straight = pickle.loads((tiny_run / "train_state" / "state.pkl").read_bytes())
-    assert state["step"] == 8
-    for a, b in zip(jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(straight["params"])):
+    state, straight = state_mod.load_state(out), state_mod.load_state(tiny_run)
+    assert state.step == 8 and state.train_config == straight.train_config
+    assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(straight.params)
+    for a, b in zip(jax.tree_util.tree_leaves((state.params, state.opt_leaves)),
+                    jax.tree_util.tree_leaves((straight.params, straight.opt_leaves))):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
@@ -151,6 +166,111 @@ def test_train_flags_are_checked(tmp_path, tiny_data):
     assert result.exit_code == 2 and "top-k" in result.output
     result = invoke("--out", tmp_path / "z", "--resume")
     assert result.exit_code == 2 and "no training state" in result.output
+
+
+def saved_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A folder holding a copy of the tiny run's train_state/ (enough for --resume to read it)."""
+    shutil.copytree(tiny_run / "train_state", tmp_path / "run" / "train_state")
+    return tmp_path / "run"
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_resume_refuses_to_change_the_saved_model(tiny_run, tmp_path):
+    out = saved_copy(tiny_run, tmp_path)
+    line = one_error_line(invoke("--out", out, "--resume", "--d-model", "64", "--steps", "20"))
+    assert "--d-model cannot change when resuming" in line and "--steps" in line
+    assert state_mod.load_state(out).step == 8  # nothing was trained
+
+
+def test_damaged_or_old_format_state_is_one_error_line(tiny_run, tmp_path):
+    out = saved_copy(tiny_run, tmp_path)
+    tensors = next((out / "train_state").glob("tensors-*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    assert "cannot read the training state" in one_error_line(invoke("--out", out, "--resume"))
+    (out / "train_state" / "state.json").write_text("{not json")
+    assert "damaged" in one_error_line(invoke("--out", out, "--resume"))
+
+    old = tmp_path / "old"
+    (old / "train_state").mkdir(parents=True)
+    (old / "train_state" / "state.pkl").write_bytes(pickle.dumps({"step": 1}))
+    for args in (["--resume"], ["--steps", "1"]):  # neither resumed nor overwritten
+        line = one_error_line(invoke("--out", old, *args))
+        assert "old-format training state" in line and "no longer reads" in line and "new run" in line
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_help_lists_every_setting_with_its_flag_and_default():
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
+    assert result.exit_code == 0, result.output
+    rows, flag = {}, None  # flag -> its row of the options panel, wrapped lines joined
+    for line in result.output.splitlines():
+        words = line.strip("│ *").split()
+        if words and words[0].startswith("--"):
+            flag, rows[words[0]] = words[0], ""
+        if flag and words:
+            rows[flag] += " " + " ".join(words)
+    flagged = [f for f in FIELDS.values() if f.metadata.get("flag")]
+    assert len(flagged) == len(FIELDS) - 1  # every setting but rope_theta is a flag
+    for field in flagged:
+        row = rows[field.metadata["flag"]]
+        assert field.metadata["help"][:30] in row
+        if field.default is not None:
+            shown = field.metadata.get("show", str)(field.default)
+            assert f"[default: {shown}]" in row, row
+    assert set(rows) == {f.metadata["flag"] for f in flagged} | {"--out", "--resume", "--help"}
+    assert "<bool>" not in rows["--resume"] and "[required]" in rows["--out"]
+
+
+def test_no_module_of_moecli_uses_pickle():
+    unpicklers = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve"}
+    for path in (ROOT / "moecli").rglob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imported = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert not imported & unpicklers, f"{path} imports {imported & unpicklers}"
+        assert not re.search(r"allow_pickle\s*=\s*True|pickle\.loads?\(|torch\.load\(", source), path
+
+
+def imports_of(path: Path, package: str) -> set[str]:
+    """The moecli modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
+    return {name for name in found if name.startswith(package + ".")}
+
+
+def test_training_modules_import_no_module_that_imports_them_back():
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "moecli").rglob("*.py")}
+    graph = {name: imports_of(path, "moecli") & set(modules) for name, path in modules.items()}
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    for name in modules:
+        if name.startswith("moecli.training."):
+            assert name not in reachable(name), f"{name} imports itself back through {graph[name]}"
 
 
 # ----------------------------------------------------------------------------- the corpus

@@ -143,7 +143,7 @@ def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dic
     import jax
 
     from moecli.kernels.cpu import ffi as cpu_kernels
-    from moecli.model.config import load_config
+    from moecli.checkpoints.families import load_config
     from moecli.inference.engine import load_model
     from moecli.inference.decoder import Decoder
     from moecli.runtime import enable_compilation_cache

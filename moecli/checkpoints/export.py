@@ -17,15 +17,15 @@ import json
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from moecli.dtypes import FLOATS
 from moecli.model.config import ModelConfig
 from moecli.errors import UsageError
 from moecli.checkpoints.families import checkpoint_tensors
 
-EXPORT_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float16": np.float16}
+EXPORT_DTYPES = FLOATS
 
 
 def hf_config(config: ModelConfig, dtype: str = "bfloat16") -> dict:

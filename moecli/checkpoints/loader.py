@@ -8,15 +8,11 @@ as its last expert arrives. Host memory never holds two copies of the model.
 """
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from moecli import env
@@ -24,99 +20,8 @@ from moecli.model.config import ModelConfig
 from moecli.errors import QUANTIZED_HINT, CheckpointError, ResourceError
 from moecli.checkpoints.families import checkpoint_tensors
 from moecli.model.transformer import transformed
-from moecli.checkpoints.placement import Placer, aligned_empty
-
-FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)}
-SAFE_DTYPES = ("F32", "F16", "BF16")  # the same, as safetensors headers spell them
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-INDEX = "model.safetensors.index.json"
-
-
-def safetensors_files(folder: str | Path) -> list[Path]:
-    """The checkpoint's safetensors files; every shard the index names must exist."""
-    folder = Path(folder)
-    index = folder / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-            if not shards or not all(isinstance(s, str) and s and Path(s).name == s for s in shards):
-                raise TypeError("shard names must be file names in the checkpoint folder")
-        except OSError as err:
-            raise CheckpointError(f"cannot read {index}: {err.strerror or err}", "check the file's permissions") from None
-        except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index",
-                                  "re-download the checkpoint") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"shard {missing[0]} named by {INDEX} is missing from {folder}",
-                                  "the download is incomplete; run `moe download` again to resume it")
-        return [folder / s for s in shards]
-    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if not files:
-        raise CheckpointError(f"no *.safetensors weights in {folder}",
-                              "moecli reads safetensors checkpoints only (not .bin, .pt or .gguf)")
-    return files
-
-
-def check_dtypes(path: Path, header: dict) -> None:
-    """CheckpointError naming the first tensor of a safetensors header that moecli cannot load: a quantized
-    one (int8, packed int4, float8, float4, ...) or another non-float (float64, bool)."""
-    from moecli.hub.download import SAFETENSORS_DTYPES
-
-    for name, info in header.items():
-        dtype = info["dtype"] if name != "__metadata__" else None
-        if dtype is None or dtype in SAFE_DTYPES or name.endswith(IGNORED_SUFFIXES):
-            continue
-        if dtype not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor {name} in {path.name} has an unknown dtype {dtype[:20]!r}",
-                                  "the file is corrupt or newer than this safetensors; re-download it")
-        if dtype in ("F64", "BOOL"):
-            raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}, which moecli "
-                                  "cannot load", "convert the checkpoint to float16, bfloat16 or float32")
-        raise CheckpointError(f"tensor {name} in {path.name} is {SAFETENSORS_DTYPES[dtype]}: quantized "
-                              "checkpoints are not supported", QUANTIZED_HINT)
-
-
-NUMPY_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
-
-
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every float tensor of every file, one at a time, in file order.
-
-    Every file's header is checked first (complete, well formed, float dtypes only), so a truncated
-    shard or a quantized checkpoint fails at once, before minutes of loading the shards before it.
-    Tensors are read with plain file reads into fresh arrays rather than through a memory map: the
-    pages of a mapped file count towards the process's memory while it stays mapped, which put a
-    whole 1 GB shard on top of the loading peak (bf16: 1.36x the checkpoint; 1.3x is the target)."""
-    from moecli.hub.download import check_safetensors
-
-    headers = []
-    for path in files:
-        header, _ = check_safetensors(path)
-        check_dtypes(path, header)
-        headers.append(header)
-
-    for path, header in zip(files, headers):
-        tensors = sorted(((info["data_offsets"], name, info) for name, info in header.items()
-                          if name != "__metadata__" and info["dtype"] in NUMPY_DTYPES), key=lambda t: t[0])
-        try:
-            with path.open("rb") as f:
-                start = 8 + int.from_bytes(f.read(8), "little")  # data begins after the header
-                for (begin, end), name, info in tensors:
-                    shape, dtype = info.get("shape"), NUMPY_DTYPES[info["dtype"]]
-                    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
-                            and math.prod(shape) * dtype.itemsize == end - begin):
-                        raise CheckpointError(f"{path.name} is corrupt (tensor {name}: {end - begin} bytes for shape "
-                                              f"{str(shape)[:80]})", "re-download the checkpoint")
-                    array = aligned_empty(shape, dtype)  # so a whole tensor reaches the device without a copy
-                    f.seek(start + begin)
-                    if array.nbytes and f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
-                        raise CheckpointError(f"{path.name} is truncated", "re-download the checkpoint")
-                    yield name, array
-        except OSError as err:
-            raise CheckpointError(f"cannot read {path.name}: {err.strerror or err}", "check the file's permissions") from None
-
+from moecli.checkpoints.placement import Placer
+from moecli.checkpoints.safetensors import FLOAT_DTYPES, IGNORED_SUFFIXES, iter_tensors, safetensors_files
 
 def expected_params(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
     """Shapes of every parameter of the model, without allocating any."""
@@ -164,7 +69,7 @@ def check_memory(config: ModelConfig, dtype, n_devices: int = 1) -> None:
         return
     dtype = np.dtype(dtype)
     total = config.parameter_counts()[0]
-    experts = sum(config.moe_layers) * config.n_experts * 3 * config.d_model * config.d_expert
+    experts = config.expert_parameters()
     split = n_devices > 1 and free.accelerator  # CPU devices all share the host's memory
     needed = (total - experts + -(-experts // n_devices) if split else total) * dtype.itemsize
     if needed <= free.free:

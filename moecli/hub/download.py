@@ -14,17 +14,14 @@ and `summary_table` renders that summary for the terminal. The progress bars liv
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import errno
-import json
-import struct
 from pathlib import Path
 
-from rich.table import Table
 
-from moecli.errors import CheckpointError, DownloadError, MoecliError, ResourceError, UsageError
+from moecli.errors import DownloadError, MoecliError, ResourceError, UsageError, first_line
+from moecli.checkpoints.safetensors import incomplete_safetensors
+from moecli.checkpoints.summary import CheckpointSummary, summary_table, validate_checkpoint
 from moecli.hub.progress import _bar_class, _bars_disabled, _Progress, _quiet_hub_logs, human_bytes, human_count
 
 #: `allow_patterns` / `ignore_patterns` for `snapshot_download`: what inference reads, nothing else.
@@ -50,16 +47,6 @@ INFERENCE_FILES: dict[str, list[str]] = {
 AUTH_HINT = "set HF_TOKEN (or use `moe download REPO --token T`); accept the licence on the model page"
 RESUME_HINT = "run the same command again to resume (finished files are kept)"
 OFFLINE_HINT = "connect to the network or unset HF_HUB_OFFLINE"
-MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on the JSON header
-
-SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "F4": "float4_e2m1fn", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # download
 
@@ -139,7 +126,7 @@ def _map_error(err: BaseException, repo_id: str, revision: str | None, token: st
     """The one-line moecli error for an exception out of huggingface_hub (None: not ours to explain)."""
     hf = _hf()
     rev = revision or "main"
-    reason = _first_line(err)
+    reason = first_line(err)
     where = str(local_dir) if local_dir is not None else hf.constants.HF_HUB_CACHE
     if _is_disk_full(err):
         return ResourceError(f"no space left on the disk while downloading {repo_id} to {where}",
@@ -241,14 +228,9 @@ def _is_disk_full(err: BaseException) -> bool:
     return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _chain(err))
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def _status(err: BaseException) -> str:
     code = getattr(getattr(err, "response", None), "status_code", None)
-    return f"HTTP {code}" if code else _first_line(err)
+    return f"HTTP {code}" if code else first_line(err)
 
 
 def _has_token() -> bool:
@@ -262,119 +244,6 @@ def _has_token() -> bool:
 # checking a checkpoint folder
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointSummary:
-    """What `validate_checkpoint` found: enough to tell the user what they downloaded."""
-
-    folder: Path
-    architecture: str       # "mixtral (MixtralForCausalLM)"
-    layers: int
-    experts: int
-    top_k: int
-    total_params: int
-    active_params: int      # per token: top_k experts per MoE layer
-    dtype: str              # most of the weight bytes, e.g. "bfloat16"
-    size_bytes: int         # the safetensors files on disk
-    shards: int
-
-
-def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
-    """Check a checkpoint folder before loading it and summarise it.
-
-    Raises `ConfigError` for a missing/unsupported config.json, `CheckpointError` for a missing shard,
-    a truncated/corrupt safetensors file or a quantized tensor (naming it). Reads only config.json and the safetensors
-    headers, so it is fast on any size of model.
-    """
-    from moecli.checkpoints.loader import INDEX, check_dtypes, safetensors_files
-    from moecli.model.config import load_config, read_config_json
-
-    folder = Path(folder)
-    config = load_config(folder)
-    hf_config = read_config_json(folder)
-    files = safetensors_files(folder)
-    dtype_bytes: collections.Counter[str] = collections.Counter()
-    names_by_file: dict[str, set[str]] = {}
-    size = 0
-    for path in files:
-        header, _ = check_safetensors(path)
-        check_dtypes(path, header)
-        size += path.stat().st_size
-        names_by_file[path.name] = {k for k in header if k != "__metadata__"}
-        for name, info in header.items():
-            if name != "__metadata__":
-                dtype_bytes[info["dtype"]] += info["data_offsets"][1] - info["data_offsets"][0]
-
-    index = folder / INDEX
-    if index.is_file():
-        for name, shard in json.loads(index.read_text())["weight_map"].items():
-            if name not in names_by_file.get(shard, ()):
-                raise CheckpointError(f"tensor {name} is not in {shard}, although {INDEX} says so",
-                                      "the shards and the index disagree; download the checkpoint again")
-
-    architectures = hf_config.get("architectures") or []
-    arch = f"{config.family} ({architectures[0]})" if architectures else config.family
-    total, active = config.parameter_counts()
-    dtype = dtype_bytes.most_common(1)[0][0] if dtype_bytes else "?"
-    return CheckpointSummary(
-        folder=folder, architecture=arch, layers=config.n_layers, experts=config.n_experts,
-        top_k=config.top_k, total_params=total, active_params=active,
-        dtype=SAFETENSORS_DTYPES.get(dtype, dtype.lower()), size_bytes=size, shards=len(files))
-
-
-def incomplete_safetensors(folder: str | Path) -> list[Path]:
-    """The *.safetensors files of `folder` that are truncated or corrupt."""
-    bad = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            check_safetensors(path)
-        except CheckpointError:
-            bad.append(path)
-    return bad
-
-
-def check_safetensors(path: Path) -> tuple[dict, int]:
-    """(header, expected size) of a safetensors file whose size matches its header exactly; otherwise a
-    CheckpointError saying whether it is truncated (an interrupted download) or corrupt."""
-    hint = "the download was interrupted; re-run `moe download` to resume it"
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path.name} is truncated ({size} bytes, no header)", hint)
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path.name} is not a safetensors file (header length {header_len})",
-                                      "download the checkpoint again")
-            if 8 + header_len > size:
-                raise CheckpointError(f"{path.name} is truncated ({size} bytes, inside its header)", hint)
-            header = json.loads(f.read(header_len))
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path.name}: {err.strerror or err}", "check the file's permissions") from None
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
-        raise CheckpointError(f"{path.name} has a corrupt safetensors header", "download the checkpoint again") from None
-    try:
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        if not all(isinstance(v["dtype"], str) and _offsets_ok(v["data_offsets"]) for v in tensors.values()):
-            raise ValueError
-        end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError, OverflowError):
-        raise CheckpointError(f"{path.name} has a malformed safetensors header",
-                              "download the checkpoint again") from None
-    expected = 8 + header_len + end
-    if size < expected:
-        raise CheckpointError(f"{path.name} is truncated ({size} of {expected} bytes)", hint)
-    if size > expected:
-        raise CheckpointError(f"{path.name} is corrupt ({size} bytes where its header describes {expected})",
-                              "download the checkpoint again")
-    return header, expected
-
-
-def _offsets_ok(offsets) -> bool:
-    return (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1])
-
-
 def _remove_with_blob(path: Path) -> None:
     """Delete a file of a snapshot and, in the HF cache, the blob its symlink points to."""
     target = path.resolve() if path.is_symlink() else None
@@ -385,22 +254,6 @@ def _remove_with_blob(path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # display
-
-
-def summary_table(summary: CheckpointSummary) -> Table:
-    """A two-column rich table of a `CheckpointSummary`, for the CLI to print."""
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("Folder", str(summary.folder))
-    table.add_row("Architecture", summary.architecture)
-    table.add_row("Layers", str(summary.layers))
-    table.add_row("Experts", f"{summary.experts} ({summary.top_k} active per token)")
-    table.add_row("Parameters", f"{human_count(summary.total_params)} total, "
-                                f"{human_count(summary.active_params)} active per token")
-    table.add_row("Weights", f"{summary.dtype}, {summary.shards} safetensors file"
-                             f"{'s' if summary.shards != 1 else ''}, {human_bytes(summary.size_bytes)} on disk")
-    return table
 
 
 __all__ = ["INFERENCE_FILES", "CheckpointSummary", "download", "resolve_model", "validate_checkpoint",

@@ -16,13 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from moecli.checkpoints.loader import load_params
-from moecli.model.config import ModelConfig, load_config
+from moecli.checkpoints.families import load_config
+from moecli.model.config import ModelConfig
 from moecli.errors import UsageError
-from moecli.model.transformer import Cache, init_cache, transformed
-from moecli.model.moe import Routing
+from moecli.dtypes import FLOATS
+from moecli.kernels import registry
+from moecli.model.cache import Cache
+from moecli.model.ops import Ops
+from moecli.model.router import Routing
 from moecli.model.sharding import make_mesh
+from moecli.model.transformer import init_cache, transformed
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = FLOATS
 
 
 def resolve_dtype(dtype: str):
@@ -35,13 +40,17 @@ def resolve_dtype(dtype: str):
 
 
 class Model:
-    """Parameters plus jitted forward functions. Build one with `load_model`."""
+    """Parameters plus jitted forward functions. Build one with `load_model`.
 
-    def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None):
+    `ops` are the backend's implementations of the model's operations, chosen once here
+    (`moecli.kernels.registry.select`) unless given; `model.ops.name` says which."""
+
+    def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None, ops: Ops | None = None):
         self.config, self.params, self.source, self.mesh = config, params, source, mesh
+        self.ops = ops = ops or registry.select()
         self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
         # apply(params, ids, cache=None, expert_mask=None) -> (logits, cache, routing): to compose
-        self.apply = apply = transformed(config, mesh).apply
+        self.apply = apply = transformed(config, mesh, ops).apply
         self._forward = jax.jit(lambda p, ids: apply(p, ids)[::2])
         # The cache is donated: XLA updates it in place instead of copying it every step.
         self._step = jax.jit(lambda p, ids, cache: apply(p, ids, cache)[:2], donate_argnums=(2,))
@@ -53,12 +62,11 @@ class Model:
 
     @property
     def cache_dtype(self):
-        """The KV cache's dtype: the weights', except float32 on CPU, where XLA's bfloat16
-        attention dots run ~20x slower than float32 ones (and the cache is small beside the weights)."""
-        return jnp.float32 if jax.default_backend() == "cpu" else self.dtype
+        """The KV cache's dtype: the weights', unless the backend keeps it in float32 (the CPU's)."""
+        return jnp.float32 if self.ops.float32_cache else self.dtype
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
-        return init_cache(self.config, batch, max_len, self.cache_dtype)
+        return init_cache(self.config, batch, max_len, self.cache_dtype, self.ops.keys_transposed)
 
     def step(self, ids, cache: Cache) -> tuple[jax.Array, Cache]:
         """Run ids [batch, seq] at positions cache.pos.. through the cache (which is consumed)."""
@@ -66,7 +74,7 @@ class Model:
 
     def with_config(self, **changes) -> "Model":
         """The same weights under changed settings, e.g. `with_config(capacity_factor=1.25)`."""
-        return Model(self.config.replace(**changes), self.params, self.source, self.mesh)
+        return Model(self.config.replace(**changes), self.params, self.source, self.mesh, self.ops)
 
     @functools.cached_property
     def n_params(self) -> int:

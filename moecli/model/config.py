@@ -2,14 +2,14 @@
 
 Nothing here is derived from anything else: `head_dim` is not `d_model // n_heads`, the expert
 FFN size is not the dense FFN size, and which layers are MoE is an explicit tuple. Checkpoint
-families (`moecli.checkpoints.families`) translate their `config.json` into a `ModelConfig`.
+families (`moecli.checkpoints.families`) translate their `config.json` into a `ModelConfig`,
+naming the parts their layers use: `attention` (`moecli.model.attention.ATTENTION`), `router`
+(`moecli.model.router.ROUTERS`) and `norm` (`moecli.model.norms.NORMS`).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 from moecli.errors import ConfigError
 
@@ -21,7 +21,7 @@ MAX_PARAMS = 2**48         # far beyond any model; keeps every shape computation
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (see `moecli.model.layers.rope_frequencies`)."""
+    """Rotary embedding parameters (see `moecli.model.rope.rope_frequencies`)."""
 
     theta: float = 10000.0
     kind: str = "default"          # default | linear | yarn
@@ -33,7 +33,7 @@ class RopeConfig:
     truncate: bool = True          # yarn: round the ramp boundaries to whole dimensions
 
     def validate(self) -> None:
-        """ConfigError for settings `moecli.model.layers.rope_frequencies` cannot compute with."""
+        """ConfigError for settings `moecli.model.rope.rope_frequencies` cannot compute with."""
         finite = all(math.isfinite(x) for x in (self.theta, self.factor, self.beta_fast, self.beta_slow,
                                                  self.attention_factor))
         if not finite or self.theta <= 0 or self.factor <= 0:
@@ -76,6 +76,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # The parts, by name (see the module docstring).
+    attention: str = "gqa"
+    router: str = "softmax_topk"
+    norm: str = "rms"
 
     def __post_init__(self):
         # Everything a damaged config.json could get wrong is caught here, as one ConfigError naming the
@@ -129,13 +133,21 @@ class ModelConfig:
         """Slots per expert in capacity mode: ceil(capacity_factor * tokens * top_k / n_experts)."""
         return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
 
+    def expert_size(self) -> int:
+        """Parameters of one routed expert: a SwiGLU's gate, up and down matrices."""
+        return 3 * self.d_model * self.d_expert
+
+    def expert_parameters(self) -> int:
+        """Parameters of all routed experts (the part expert parallelism splits over devices)."""
+        return sum(self.moe_layers) * self.n_experts * self.expert_size()
+
     def parameter_counts(self) -> tuple[int, int]:
         """(total, active per token) parameter counts; active counts top_k experts per MoE layer."""
         d, h = self.d_model, self.head_dim
         attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
         attn += (h * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0) + (d if self.o_bias else 0)
         attn += {"none": 0, "head": 2 * h, "full": h * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
-        expert = 3 * d * self.d_expert
+        expert = self.expert_size()
         shared = 3 * d * self.d_shared_expert + (d if self.d_shared_expert else 0)
         total = active = 0
         for is_moe in self.moe_layers:
@@ -152,33 +164,3 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-
-def read_config_json(checkpoint: str | Path) -> dict:
-    """Read `config.json` from a checkpoint folder, with errors a user can act on."""
-    path = Path(checkpoint) / "config.json"
-    if not Path(checkpoint).is_dir():
-        raise ConfigError(f"{checkpoint} is not a folder", "pass a checkpoint directory or a Hub repo id")
-    if not path.is_file():
-        raise ConfigError(f"no config.json in {checkpoint}",
-                          "this folder is not a Hugging Face checkpoint; run `moe download REPO` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror or err}", "check the file's permissions") from None
-    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise ConfigError(f"{path} is not valid JSON ({reason})", "re-download the checkpoint") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a JSON object", "re-download the checkpoint")
-    return data
-
-
-def load_config(checkpoint: str | Path) -> ModelConfig:
-    """The `ModelConfig` of a checkpoint folder (dispatches on `model_type`)."""
-    from moecli.checkpoints.families import FAMILIES, config_from_hf
-
-    data = read_config_json(checkpoint)
-    if not isinstance(data.get("model_type"), str):
-        raise ConfigError(f"config.json in {checkpoint} names no model_type",
-                          f"moecli runs transformers checkpoints of these types: {', '.join(FAMILIES)}")
-    return config_from_hf(data)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moecli.model.config import ModelConfig
 from moecli.errors import ResourceError, UsageError
+from moecli.model.router import Routing
 
 AXIS = "expert"
 # (regex over "module/param", PartitionSpec): the first match wins.
@@ -61,7 +62,8 @@ def make_mesh(config: ModelConfig, devices: int | None = None) -> Mesh | None:
         raise UsageError(f"{config.n_experts} experts cannot be split evenly over {n} devices",
                          f"use --devices {', '.join(map(str, fits))}")
     if n > len(available):
-        raise ResourceError(f"asked for {n} devices but only {len(available)} are available "
+        are = "is" if len(available) == 1 else "are"
+        raise ResourceError(f"asked for {n} devices but only {len(available)} {are} available "
                             f"({available[0].platform})", f"pass --devices {len(available)} or fewer")
     if n == 1:
         return None
@@ -92,7 +94,7 @@ def placement(config: ModelConfig, n_devices: int, itemsize: int,
     config alone, without loading or running the model."""
     total, _ = config.parameter_counts()
     n_moe = sum(config.moe_layers)
-    expert_params = n_moe * config.n_experts * 3 * config.d_model * config.d_expert
+    expert_params = config.expert_parameters()
     per_device = config.n_experts // n_devices if n_moe else 0
     names = device_names or [f"device {d}" for d in range(n_devices)]
     return [DevicePlacement(names[d], (d * per_device, (d + 1) * per_device - 1),
@@ -104,8 +106,6 @@ def shard_experts(fn, mesh: Mesh):
     """Run `fn(x, w_gate, w_up, w_down, routing, n_local_experts) -> y` on each device's experts
     and sum the partial outputs. Assignments to other devices' experts are renumbered to
     n_local_experts ("not here"), with gate weight 0, which `fn` skips."""
-    from moecli.model.moe import Routing
-
     def local(x, experts, weights, w_gate, w_up, w_down):
         n_local = w_gate.shape[0]
         local_ids = experts - jax.lax.axis_index(AXIS) * n_local

@@ -18,36 +18,34 @@ tensors onto):
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from moecli.model.attention import ATTENTION
+from moecli.model.cache import Cache
 from moecli.model.config import ModelConfig
-from moecli.model.layers import MLP, Attention, LayerCache, RMSNorm, matmul
-from moecli.model.moe import MoEBlock, Routing
+from moecli.model.mlp import MLP
+from moecli.model.moe import MoEBlock
+from moecli.model.norms import norm
+from moecli.model.ops import XLA, Ops
+from moecli.model.router import Routing
 
 
-class Cache(NamedTuple):
-    """The KV cache of every layer plus `pos`, how many positions are filled (int32 scalar)."""
-
-    layers: tuple[LayerCache, ...]
-    pos: jax.Array
-
-
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
-    keys = (batch, config.n_kv_heads, config.head_dim, max_len)     # see LayerCache
-    values = (batch, config.n_kv_heads, max_len, config.head_dim)
-    layers = tuple(LayerCache(jnp.zeros(keys, dtype), jnp.zeros(values, dtype))
-                   for _ in range(config.n_layers))
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
+               keys_transposed: bool = False) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens: each layer's of its kind."""
+    layers = tuple(ATTENTION[config.attention].cache.empty(config, i, batch, max_len, dtype, keys_transposed)
+                   for i in range(config.n_layers))
     return Cache(layers, jnp.zeros((), jnp.int32))
 
 
 class DecoderLayer(hk.Module):
-    def __init__(self, config: ModelConfig, index: int, mesh=None):
+    """x = x + attn(norm(x));  x = x + ffn(norm(x)), with the parts the config names."""
+
+    def __init__(self, config: ModelConfig, index: int, ops: Ops, mesh=None):
         super().__init__(name=f"layer_{index}")
-        self.c, self.index, self.mesh = config, index, mesh
+        self.c, self.index, self.ops, self.mesh = config, index, ops, mesh
 
     def __call__(self, x, positions, cache, cache_pos, disabled=None, keep=None):
         """With `keep` (an int32 position), returns only that position's output [batch, 1, d]:
@@ -55,19 +53,19 @@ class DecoderLayer(hk.Module):
         feed-forward block runs for the kept token alone (see `Transformer`)."""
         c = self.c
         with jax.named_scope("attention"):
-            h = RMSNorm(c.d_model, c.norm_eps, name="input_norm")(x)
-            h, cache = Attention(c, self.index)(h, positions, cache, cache_pos)
+            h = norm(c.norm, c.d_model, c.norm_eps, name="input_norm")(x)
+            h, cache = ATTENTION[c.attention].module(c, self.index, self.ops)(h, positions, cache, cache_pos)
             x = x + h
-        h = RMSNorm(c.d_model, c.norm_eps, name="post_attn_norm")(x)
+        h = norm(c.norm, c.d_model, c.norm_eps, name="post_attn_norm")(x)
         routing = None
         if c.moe_layers[self.index]:
             with jax.named_scope("moe"):
-                h, routing = MoEBlock(c, self.mesh)(h, disabled, keep)  # routes every token
+                h, routing = MoEBlock(c, self.ops, self.mesh)(h, disabled, keep)  # routes every token
         else:
             if keep is not None:
                 h = jax.lax.dynamic_slice_in_dim(h, keep, 1, axis=1)
             with jax.named_scope("mlp"):
-                h = MLP(c.d_model, c.d_ff, name="mlp")(h)
+                h = MLP(c.d_model, c.d_ff, self.ops, name="mlp")(h)
         if keep is not None:
             x = jax.lax.dynamic_slice_in_dim(x, keep, 1, axis=1)           # [batch, 1, d_model]
         return x + h, cache, routing
@@ -85,9 +83,9 @@ class Transformer(hk.Module):
     That is 1/n_layers of a prompt's expert work, exactly the same logits. Not with capacity
     routing, where whether a token's assignment fits depends on every token's."""
 
-    def __init__(self, config: ModelConfig, mesh=None):
+    def __init__(self, config: ModelConfig, ops: Ops = XLA, mesh=None):
         super().__init__(name="transformer")
-        self.c, self.mesh = config, mesh  # mesh: experts spread over devices (moecli.model.sharding)
+        self.c, self.ops, self.mesh = config, ops, mesh  # mesh: experts spread over devices (moecli.model.sharding)
 
     def __call__(self, ids: jax.Array, cache: Cache | None = None, expert_mask: jax.Array | None = None,
                  logits_at: jax.Array | None = None):
@@ -102,19 +100,19 @@ class Transformer(hk.Module):
             layer_cache = None if cache is None else cache.layers[i]
             disabled = None if expert_mask is None else expert_mask[len(routings)]
             keep = logits_at if trim and i == c.n_layers - 1 else None
-            x, layer_cache, routing = DecoderLayer(c, i, self.mesh)(x, positions, layer_cache, start, disabled, keep)
+            x, layer_cache, routing = DecoderLayer(c, i, self.ops, self.mesh)(x, positions, layer_cache, start, disabled, keep)
             new_layers.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
         if logits_at is not None and not trim:
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)    # [batch, 1, d_model]
-        x = RMSNorm(c.d_model, c.norm_eps, name="final_norm")(x)
+        x = norm(c.norm, c.d_model, c.norm_eps, name="final_norm")(x)
         if c.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed.embeddings, preferred_element_type=jnp.float32)
         else:
             head = hk.get_parameter("lm_head", [c.d_model, c.vocab_size], x.dtype,
                                     init=hk.initializers.TruncatedNormal(c.d_model ** -0.5))
-            logits = matmul(x, head, jnp.float32)
+            logits = self.ops.matmul(x, head, jnp.float32)
         new_cache = None if cache is None else Cache(tuple(new_layers), start + ids.shape[1])
         return logits, new_cache, stack_routing(routings)
 
@@ -126,8 +124,10 @@ def stack_routing(routings: list[Routing]) -> Routing | None:
     return Routing(*(jnp.stack(parts) for parts in zip(*routings)))
 
 
-def transformed(config: ModelConfig, mesh=None) -> hk.Transformed:
-    """The pure functions init(rng, ids, cache) and apply(params, ids, cache, expert_mask)."""
+def transformed(config: ModelConfig, mesh=None, ops: Ops = XLA) -> hk.Transformed:
+    """The pure functions init(rng, ids, cache) and apply(params, ids, cache, expert_mask, logits_at),
+    computed by `ops` (default: plain XLA, the differentiable reference; `moecli.kernels.registry`
+    picks a backend's)."""
     return hk.without_apply_rng(hk.transform(
         lambda ids, cache=None, expert_mask=None, logits_at=None:
-        Transformer(config, mesh)(ids, cache, expert_mask, logits_at)))
+        Transformer(config, ops, mesh)(ids, cache, expert_mask, logits_at)))

@@ -25,7 +25,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from moecli.errors import TokenizerError
+from moecli.errors import TokenizerError, first_line
 
 #: Fallback for checkpoints without a chat template (base models). Renders e.g.
 #: "System: Be brief.\nUser: Hi!\nAssistant: Hello.\nUser: Bye\nAssistant:".
@@ -156,7 +156,7 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
     except jinja2.TemplateSyntaxError as err:
         raise TokenizerError(f"chat template syntax error, line {err.lineno}: {err.message}", _HINT) from None
     except Exception as err:  # anything a (data, not code) template does wrong while rendering
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = first_line(err)
         raise TokenizerError(f"chat template failed: {detail}", _HINT) from None
 
 

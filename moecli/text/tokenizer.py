@@ -28,7 +28,7 @@ import json
 import re
 from pathlib import Path
 
-from moecli.errors import TokenizerError
+from moecli.errors import TokenizerError, first_line
 
 # Appended to a serialized sentencepiece ModelProto: field 3 (normalizer_spec) holding
 # add_dummy_prefix=false (field 3) and remove_extra_whitespaces=false (field 4). Protobuf merges
@@ -69,7 +69,7 @@ class _HFTokenizers:
         try:
             self.tok = RustTokenizer.from_file(str(path))
         except Exception as err:  # the Rust error type is not exported
-            raise TokenizerError(f"cannot load {path}: {str(err).splitlines()[0]}",
+            raise TokenizerError(f"cannot load {path}: {first_line(err)}",
                                  "the file is corrupt or from a newer `tokenizers`; try upgrading it")
         # Like transformers: tokens from the config that tokenizer.json does not know as added
         # tokens become special added tokens (matched whole in text, skipped when decoding).

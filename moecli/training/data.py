@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from moecli.errors import UsageError
+from moecli.hub.bundled import bundled_file
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_ARCHIVE = REPO_ROOT / "data" / "shakespeare.tar.xz"
+#: The repository's data/shakespeare.tar.xz, or the copy inside an installed wheel.
+BUNDLED_ARCHIVE = bundled_file("data/shakespeare.tar.xz")
 
 #: Held out for validation: one play of each kind (tragedy, comedy, history, romance), ~10% of the
 #: text. All four use upper-case speaker names, like most of the training plays.
@@ -54,9 +55,7 @@ BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 
 def work_name(filename: str) -> str:
     """`hamlet_gut.txt` -> `hamlet` (the files carry Project Gutenberg's `_gut` suffix)."""
-    stem = Path(filename).name
-    stem = stem[:-4] if stem.endswith(".txt") else stem
-    return stem[:-4] if stem.endswith("_gut") else stem
+    return Path(filename).name.removesuffix(".txt").removesuffix("_gut")
 
 
 def read_works(source: str | Path | None = None) -> dict[str, str]:

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moecli.model.config import ModelConfig
 from moecli.errors import UsageError
-from moecli.training.losses import cross_entropy, dropped_fraction
+from moecli.kernels import registry
+from moecli.model.config import ModelConfig
 from moecli.model.transformer import transformed
+from moecli.training.losses import cross_entropy, dropped_fraction
 from moecli.training.state import STATE_DIR
 
 LOG_FILE = "log.jsonl"
@@ -20,7 +21,7 @@ SUMMARY_FILE = "summary.json"
 
 def make_eval_step(config: ModelConfig, batch_tokens: int):
     """Jitted (params, batch) -> (summed loss, expert counts [layers, E], dropped [layers])."""
-    apply = transformed(config).apply
+    apply = transformed(config, ops=registry.select()).apply
     capacity = config.capacity(batch_tokens) if config.capacity_factor > 0 else None
 
     def step(params, batch):

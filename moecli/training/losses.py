@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moecli.model.moe import claim_rank
+from moecli.model.experts import claim_rank
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-position next-token loss -log p(target), in nats: [batch, seq]."""
@@ -55,6 +56,6 @@ def router_z_loss(router_logits: jax.Array) -> jax.Array:
 
 def dropped_fraction(experts: jax.Array, capacity: int, n_experts: int) -> jax.Array:
     """Per layer, the fraction of routing assignments dropped by capacity routing: those past the
-    first `capacity` claims on their expert, in token order (as `moecli.model.moe.experts_capacity`)."""
+    first `capacity` claims on their expert, in token order (as `moecli.model.experts.experts_capacity`)."""
     rank = jax.vmap(lambda e: claim_rank(e, n_experts))(experts.reshape(experts.shape[0], -1))
     return jnp.mean((rank >= capacity).astype(jnp.float32), axis=-1)

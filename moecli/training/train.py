@@ -36,73 +36,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moecli.model.config import ModelConfig, RopeConfig
 from moecli.errors import UsageError
-from moecli.training.evaluation import LOG_FILE, eval_windows, evaluate, final_report, make_eval_step
-from moecli.training.losses import (cross_entropy, dropped_fraction, expert_fractions,  # noqa: F401 (re-exported)
-                           load_balancing_loss, router_z_loss)
+from moecli.kernels import registry
+from moecli.model.config import ModelConfig, RopeConfig
 from moecli.model.transformer import transformed
-from moecli.training.state import STATE_DIR, STATE_FILE, load_state, restore, save_state, train_config_from
-
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a training run (the `moe train` flags); saved with the checkpoint. The
-    defaults are the recipe of the bundled model, weights/bardmoe."""
-
-    data: str | None = None                # None: the bundled Shakespeare archive
-    held_out: tuple[str, ...] = ("macbeth", "twelfth_night", "richard_ii", "winters_tale")
-    vocab_size: int = 2048
-    n_layers: int = 4
-    d_model: int = 192
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 48
-    n_experts: int = 8
-    top_k: int = 2
-    d_expert: int = 384
-    rope_theta: float = 10000.0
-    steps: int = 2000
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    capacity_factor: float = 1.25
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    eval_interval: int = 100
-    eval_batches: int = 8
-    checkpoint_interval: int = 250
-    seed: int = 0
-    export_dtype: str = "bfloat16"
-
-    def validate(self) -> None:
-        positive = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "n_experts",
-                    "top_k", "d_expert", "steps", "batch_size", "seq_len", "eval_interval", "eval_batches",
-                    "checkpoint_interval")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}",
-                                 "pass a value of 1 or more")
-        if self.top_k > self.n_experts:
-            raise UsageError(f"top-k ({self.top_k}) exceeds the number of experts ({self.n_experts})",
-                             "pass --top-k at most --experts")
-        if self.head_dim % 2:
-            raise UsageError(f"head-dim must be even for rotary embeddings, got {self.head_dim}", "pass an even --head-dim")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup < 0:
-            raise UsageError("the learning-rate schedule needs lr > 0, 0 <= min-lr-ratio <= 1 and warmup >= 0",
-                             "check --lr, --min-lr-ratio and --warmup")
-        if self.capacity_factor < 0 or self.aux_loss_coef < 0 or self.z_loss_coef < 0 or self.weight_decay < 0:
-            raise UsageError("capacity factor, loss coefficients and weight decay cannot be negative",
-                             "pass 0 to turn one off")
-        if self.vocab_size < 300:
-            raise UsageError(f"vocab-size {self.vocab_size} is too small",
-                             "the tokenizer needs 259 ids for <unk>, <s>, </s> and the 256 bytes, plus one per distinct "
-                             "character; use 400 or more")
+from moecli.training.config import TrainConfig, resumed
+from moecli.training.evaluation import (
+    LOG_FILE,
+    eval_windows,
+    evaluate,
+    final_report,
+    make_eval_step,
+)
+from moecli.training.losses import (  # noqa: F401 (re-exported)
+    cross_entropy,
+    dropped_fraction,
+    expert_fractions,
+    load_balancing_loss,
+    router_z_loss,
+)
+from moecli.training.state import STATE_DIR, has_state, load_state, restore, save_state
 
 
 def model_config(tc: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -186,7 +139,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 def make_train_step(config: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation):
     """The jitted step: (params, opt_state, batch [B, T+1]) -> (params, opt_state, metrics).
     Parameters and optimiser state are donated, so XLA updates them in place."""
-    apply = transformed(config).apply
+    apply = transformed(config, ops=registry.select()).apply  # kernels forward, pure-JAX gradients
     capacity = config.capacity(tc.batch_size * tc.seq_len) if config.capacity_factor > 0 else None
 
     def loss_fn(params, batch):
@@ -223,8 +176,8 @@ def sample_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_
 def prepare_data(tc: TrainConfig, out: Path, new_tokenizer: bool):
     """(tokenizer, train tokens, validation tokens). The tokenizer is trained on the training
     works only (a tokenizer fitted to the held-out text would leak it) and saved in `out`."""
-    from moecli.training import data
     from moecli.text.tokenizer import Tokenizer
+    from moecli.training import data
 
     works = data.read_works(tc.data)
     train_works, valid_works = data.split_works(works, tc.held_out)
@@ -241,11 +194,20 @@ def prepare_data(tc: TrainConfig, out: Path, new_tokenizer: bool):
 
 # ----------------------------------------------------------------------------- the loop
 
-def run(tc: TrainConfig, out: str | Path, resume: bool = False, console=None) -> dict:
-    """Train (or resume) into `out`; returns the summary written to train_state/summary.json."""
+def run(tc: TrainConfig | None, out: str | Path, resume: bool = False, overrides: dict | None = None,
+        console=None) -> dict:
+    """Train `tc` into `out`, or (resume=True, tc None) continue the run saved in `out` with its saved
+    settings, `overrides` changing those TrainConfig marks resumable (e.g. a later `steps`).
+    Returns the summary written to train_state/summary.json."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from moecli.checkpoints.export import save_checkpoint
 
@@ -254,10 +216,8 @@ def run(tc: TrainConfig, out: str | Path, resume: bool = False, console=None) ->
     state = None
     if resume:
         state = load_state(out)
-        saved = train_config_from(state["train_config"])
-        tc = dataclasses.replace(saved, steps=tc.steps if tc.steps > 0 else saved.steps, eval_interval=tc.eval_interval,
-                                 checkpoint_interval=tc.checkpoint_interval)
-    elif (out / STATE_DIR / STATE_FILE).is_file():
+        tc = resumed(state.train_config, overrides or {})
+    elif has_state(out):
         raise UsageError(f"{out} already holds a training run", "pass --resume to continue it, or choose another --out")
     tc.validate()
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +228,7 @@ def run(tc: TrainConfig, out: str | Path, resume: bool = False, console=None) ->
     optimizer = make_optimizer(tc)
     if state is not None:
         params, opt_state = restore(state, optimizer)
-        start, elapsed, tokens_seen = state["step"], state.get("elapsed", 0.0), state.get("tokens_seen", 0)
+        start, elapsed, tokens_seen = state.step, state.extra.get("elapsed", 0.0), state.extra.get("tokens_seen", 0)
         if start >= tc.steps:
             console.print(f"[yellow]{out} is already trained to step {start} (--steps {tc.steps}); nothing to do")
     else:

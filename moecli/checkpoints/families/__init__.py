@@ -1,11 +1,18 @@
 """Checkpoint families: one small module per architecture family that maps its config.json and
-tensor names onto moecli's one model (see `common.py` for the contract)."""
+tensor names onto moecli's one model (see `common.py` for the contract), and reading a
+checkpoint's config.json into a `ModelConfig`."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from types import ModuleType
 
+from moecli.model.attention import ATTENTION
 from moecli.model.config import ModelConfig
-from moecli.errors import ConfigError
+from moecli.model.norms import NORMS
+from moecli.model.router import ROUTERS
+from moecli.errors import ConfigError, first_line
 from moecli.checkpoints.families import mixtral, olmoe, qwen_moe
 from moecli.checkpoints.families.common import TensorMap, tensor_map
 
@@ -26,9 +33,43 @@ def _family(model_type) -> ModuleType:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a parsed config.json (any supported model_type)."""
-    return _family(hf.get("model_type")).config_from_hf(hf)
+    config = _family(hf.get("model_type")).config_from_hf(hf)
+    for kind, registry in (("attention", ATTENTION), ("router", ROUTERS), ("norm", NORMS)):
+        if getattr(config, kind) not in registry:  # a family naming a part that does not exist
+            raise ConfigError(f"{config.family} asks for {kind} {getattr(config, kind)!r}, which moecli lacks",
+                              f"known: {', '.join(registry)}")
+    return config
 
 
 def checkpoint_tensors(config: ModelConfig) -> TensorMap:
     """Every tensor name the checkpoint may hold, its expected shape and where it goes."""
     return tensor_map(config, _family(config.family).moe_tensors)
+
+
+def read_config_json(checkpoint: str | Path) -> dict:
+    """Read `config.json` from a checkpoint folder, with errors a user can act on."""
+    path = Path(checkpoint) / "config.json"
+    if not Path(checkpoint).is_dir():
+        raise ConfigError(f"{checkpoint} is not a folder", "pass a checkpoint directory or a Hub repo id")
+    if not path.is_file():
+        raise ConfigError(f"no config.json in {checkpoint}",
+                          "this folder is not a Hugging Face checkpoint; run `moe download REPO` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}", "check the file's permissions") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
+        reason = first_line(err, 120)
+        raise ConfigError(f"{path} is not valid JSON ({reason})", "re-download the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object", "re-download the checkpoint")
+    return data
+
+
+def load_config(checkpoint: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint folder (dispatches on `model_type`)."""
+    data = read_config_json(checkpoint)
+    if not isinstance(data.get("model_type"), str):
+        raise ConfigError(f"config.json in {checkpoint} names no model_type",
+                          f"moecli runs transformers checkpoints of these types: {', '.join(FAMILIES)}")
+    return config_from_hf(data)

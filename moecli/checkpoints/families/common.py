@@ -1,10 +1,13 @@
 """What every checkpoint family shares: reading config.json fields with clear errors, RoPE
 settings, and the table from Hugging Face tensor names to moecli's parameters.
 
-A family module (mixtral.py, qwen_moe.py, olmoe.py) supplies two functions:
-    config_from_hf(hf: dict) -> ModelConfig
-    tensor_map(config) -> dict[hf_tensor_name, TensorSpec]
-and `moecli.checkpoints.loader` does the rest.
+A family module (mixtral.py, qwen_moe.py, olmoe.py) is declarations, not model code:
+    PARTS = Parts(attention=..., router=..., norm=...)    # which of moecli/model/'s parts it uses
+    config_from_hf(hf: dict) -> ModelConfig                # its config.json read into them (**PARTS)
+    moe_tensors(config, layer, hf_prefix, module) -> TensorMap   # its MoE block's tensor names
+The attention, norms and dense layers' tensor names are the Hugging Face ones every family shares
+(`tensor_map`); `moecli.checkpoints.families` registers the module under its model_type(s), and
+`moecli.checkpoints.loader` does the rest.
 """
 from __future__ import annotations
 
@@ -23,6 +26,17 @@ class Target(NamedTuple):
     expert: int | None = None    # index on the stacked experts axis; None = the whole parameter
     transpose: bool = True       # torch Linear stores [out, in]; Haiku uses [in, out]
     rows: tuple[int, int] | None = None  # a slice of the tensor's out axis (fused gate_up_proj)
+
+
+class Parts(NamedTuple):
+    """The parts a family's layers use, by their names in moecli/model/'s registries."""
+
+    attention: str = "gqa"            # moecli.model.attention.ATTENTION
+    router: str = "softmax_topk"      # moecli.model.router.ROUTERS
+    norm: str = "rms"                 # moecli.model.norms.NORMS
+
+    def fields(self) -> dict:
+        return self._asdict()
 
 
 class TensorSpec(NamedTuple):

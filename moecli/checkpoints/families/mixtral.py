@@ -4,14 +4,16 @@ renormalised, no shared expert, every layer MoE. Hub checkpoints name the block
 from __future__ import annotations
 
 from moecli.model.config import ModelConfig
-from moecli.checkpoints.families.common import Fields, TensorMap, base_fields, expert_tensors, rope_from_hf
+from moecli.checkpoints.families.common import Fields, Parts, TensorMap, base_fields, expert_tensors, rope_from_hf
 
+
+PARTS = Parts(attention="gqa", router="softmax_topk", norm="rms")
 
 def config_from_hf(hf: dict) -> ModelConfig:
     f = Fields(hf, "mixtral")
     base = base_fields(f)
     return ModelConfig(
-        **base, d_ff=0, d_expert=f.need("intermediate_size"), n_experts=f.need("num_local_experts", alias="num_experts"),
+        **base, **PARTS.fields(), d_ff=0, d_expert=f.need("intermediate_size"), n_experts=f.need("num_local_experts", alias="num_experts"),
         moe_layers=(True,) * base["n_layers"], norm_topk_prob=True,
         rope=rope_from_hf(f, 1e6), sliding_window=f.get("sliding_window", None))
 

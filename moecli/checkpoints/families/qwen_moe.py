@@ -6,9 +6,11 @@ each query/key head with RMSNorm ("QK-norm", for training stability)."""
 from __future__ import annotations
 
 from moecli.model.config import ModelConfig
-from moecli.checkpoints.families.common import (Fields, Target, TensorMap, TensorSpec, base_fields, expert_tensors,
+from moecli.checkpoints.families.common import (Fields, Parts, Target, TensorMap, TensorSpec, base_fields, expert_tensors,
                                     rope_from_hf, swiglu_tensors)
 
+
+PARTS = Parts(attention="gqa", router="softmax_topk", norm="rms")  # Qwen3: q/k norm per head
 
 def config_from_hf(hf: dict) -> ModelConfig:
     family = hf.get("model_type")
@@ -28,7 +30,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         elif qwen2:
             sliding = tuple(i >= f.get("max_window_layers", n_layers) for i in range(n_layers))
     return ModelConfig(
-        **base, d_ff=f.get("intermediate_size", 0), d_expert=f.need("moe_intermediate_size"),
+        **base, **PARTS.fields(), d_ff=f.get("intermediate_size", 0), d_expert=f.need("moe_intermediate_size"),
         n_experts=n_experts, moe_layers=moe, norm_topk_prob=f.get("norm_topk_prob", not qwen2, bool),
         d_shared_expert=f.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
         rope=rope_from_hf(f, 1e6 if not qwen2 else 1e4), qkv_bias=bias, o_bias=bias and not qwen2,

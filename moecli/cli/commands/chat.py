@@ -2,30 +2,35 @@
 
 Input comes from prompt_toolkit (history in moecli's cache folder; Enter sends, Alt+Enter or
 Esc then Enter inserts a new line, pasted text keeps its newlines); replies stream as Markdown
-through rich. Ctrl-C during a reply stops it and keeps what was written (marked interrupted);
-Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
+through rich, in which a newline stays a line break (a model's verse keeps its lines), or as plain
+text with --no-markdown or `/set markdown off`. Ctrl-C during a reply stops it and keeps what was
+written (marked interrupted); Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
+import traceback
 from typing import List, Optional
 
+import typer
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
-from moecli.cli.app import command, report
+from moecli.cli.app import DEBUG, command, report
 from moecli.cli import options as opt
-from moecli.errors import MoecliError
+from moecli.errors import MoecliError, first_line
 
 HELP = """\
 /help                 this help
 /clear                forget the conversation (keeps the system prompt)
 /system TEXT          set the system prompt (empty: remove it)
-/set NAME VALUE       temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty
+/set NAME VALUE       temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty;
+                      markdown on|off (off: replies as plain text)
 /stats                statistics of the last reply and the settings
 /experts [layer N]    the last reply coloured by expert (layer N), and the expert load per layer
 /mask LAYER:EXPERT    switch an expert off (tokens are re-routed to the others); /unmask [L:E] undoes
@@ -88,62 +93,106 @@ def make_input(console: Console):
 CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\n\t")
 
 
-def stream_reply(console: Console, pieces) -> str:
-    """Print a streamed reply, as live Markdown on a terminal and as plain text otherwise.
-    Control characters a model may emit are not sent to the terminal."""
+class ReplyMarkdown(Markdown):
+    """Markdown in which every newline is a line break. CommonMark joins the lines of a paragraph
+    (a "soft break" renders as a space), which turns a model's verse or list of lines into run-on
+    text; here soft breaks become hard ones. Code blocks are untouched (their text is literal)."""
+
+    def __init__(self, markup: str, **kwargs):
+        super().__init__(markup, **kwargs)
+        hard_breaks(self.parsed)
+
+
+def hard_breaks(tokens) -> None:
+    for token in tokens:
+        if token.type == "softbreak":
+            token.type = "hardbreak"
+        hard_breaks(token.children or ())
+
+
+@dataclasses.dataclass
+class View:
+    """How replies are shown: as Markdown (with line breaks kept) or as plain text."""
+    markdown: bool = True
+
+
+def on_off(name: str, value: str) -> bool:
+    from moecli.errors import UsageError
+
+    if value.lower() not in ("on", "off"):
+        raise UsageError(f"{name} is on or off, got {value!r}", f"e.g. /set {name} off")
+    return value.lower() == "on"
+
+
+def stream_reply(console: Console, pieces, markdown: bool = True) -> str:
+    """Print a streamed reply, as live Markdown on a terminal (unless `markdown` is off) and as
+    plain text otherwise. Control characters a model may emit are not sent to the terminal."""
     pieces = (piece.translate(CONTROL) for piece in pieces)
     text = ""
-    if not console.is_terminal:
+    if not console.is_terminal or not markdown:
         for piece in pieces:
             text += piece
             console.file.write(piece)
             console.file.flush()
         console.file.write("\n")
         return text
-    with Live(Markdown(""), console=console, refresh_per_second=15, vertical_overflow="visible") as live:
+    with Live(ReplyMarkdown(""), console=console, refresh_per_second=15, vertical_overflow="visible") as live:
         for piece in pieces:
             text += piece
-            live.update(Markdown(text))
+            live.update(ReplyMarkdown(text))
     return text
 
 
-def stats_table(chat) -> Table:
+def stats_table(chat, view: View) -> Table:
+    from moecli.inference.text import speed
+
     s = chat.last_stats
     table = Table(show_header=False, box=None)
     rows = [("prompt tokens (new / reused)", f"{s.prompt_tokens} / {s.reused_tokens}"),
-            ("prefill", f"{s.prefill_tok_s:.1f} tok/s"), ("generated tokens", str(s.generated_tokens)),
-            ("decode", f"{s.decode_tok_s:.1f} tok/s"), ("time to first token", f"{s.ttft_s:.3f} s"),
-            ("compile", f"{s.compile_s:.3f} s"), ("stopped by", s.stopped_by or "-"),
+            ("prefill", speed(s.prefill_tok_s)), ("generated tokens", str(s.generated_tokens)),
+            ("decode", speed(s.decode_tok_s)), ("time to first token", f"{s.ttft_s:.3f} s"),
+            ("compile", f"{s.compile_s:.3f} s (not in the speeds)"), ("stopped by", s.stopped_by or "-"),
             ("context used", f"{chat.decoder.pos} / {chat.decoder.max_len}")]
     rows += [(name, str(value)) for name, value in chat.settings().items()]
+    rows.append(("markdown", "on" if view.markdown else "off"))
     for row in rows:
         table.add_row(*row)
     return table
 
 
 def show_experts(console: Console, chat, arg: str) -> None:
-    from moecli.cli.commands.generate import token_pieces
+    """/experts: the routing of the last reply generated in this session (a chat brought in by
+    /load has none: its replies were written elsewhere, never routed here)."""
     from moecli.errors import UsageError
-    from moecli.inference.routing import moe_layer_numbers, routing_views, token_view
+    from moecli.inference.routing import (moe_layer_numbers, routing_views, token_pieces, token_view,
+                                          without_stop_token)
 
     config = chat.model.config
     layers = moe_layer_numbers(config)
-    ids, routing = chat.last_reply_routing()
-    if not layers or not ids:
-        raise UsageError("no routing to show yet", "ask something first (and use a MoE model)")
+    if not layers:
+        raise UsageError("this model has no MoE layers, so no routing to show",
+                         "chat with a Mixture-of-Experts checkpoint to see its experts")
     words = arg.split()
     if words and (words[0] != "layer" or len(words) != 2 or not words[1].isdigit()):
         raise UsageError(f"bad /experts argument {arg!r}", "use /experts or /experts layer N")
+    ids, routing = chat.last_reply_routing()
+    n = without_stop_token(ids, chat.tokenizer)
+    ids, routing = ids[:n], routing[:n]
+    if not ids:
+        raise UsageError("no reply to show the experts of yet",
+                         "ask something first: /experts shows the routing of the last reply generated here "
+                         "(not of the replies in a chat brought in by /load)")
     layer = int(words[1]) if words else layers[-1]
-    console.print(token_view(token_pieces(chat.tokenizer, ids), routing, config, layer))
-    for view in routing_views(routing, config, chat.model.mesh, chat.model.dtype.itemsize):
+    colour = console.color_system is not None and not console.no_color
+    console.print(token_view(token_pieces(chat.tokenizer, ids), routing, config, layer, colour))
+    for view in routing_views(routing, config, "reply", chat.model.mesh, chat.model.dtype.itemsize):
         console.print(view)
     if chat.disabled:
         off = ", ".join(f"{layers[j]}:{e}" for j, es in sorted(chat.disabled.items()) for e in sorted(es))
         console.print(f"[dim]switched off: {off}[/dim]")
 
 
-def run_command(console: Console, chat, line: str) -> bool:
+def run_command(console: Console, chat, line: str, view: View) -> bool:
     """Handle a /command; returns False to leave the REPL."""
     from moecli.errors import UsageError
 
@@ -163,10 +212,13 @@ def run_command(console: Console, chat, line: str) -> bool:
         setting, _, value = arg.partition(" ")
         if not value.strip():
             raise UsageError("usage: /set NAME VALUE", "e.g. /set temperature 0.5")
-        chat.set(setting, value.strip())
+        if setting == "markdown":
+            view.markdown = on_off(setting, value.strip())
+        else:
+            chat.set(setting, value.strip())
         console.print(f"[dim]{setting} = {value.strip()}[/dim]")
     elif name == "stats":
-        console.print(stats_table(chat))
+        console.print(stats_table(chat, view))
     elif name == "experts":
         show_experts(console, chat, arg)
     elif name == "mask":
@@ -193,31 +245,31 @@ def chat(
     model: Optional[str] = opt.Model, revision: Optional[str] = opt.Revision,
     max_tokens: int = opt.MaxTokens, temperature: float = opt.Temperature, top_p: float = opt.TopP,
     top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
-    seed: int = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
-    dtype: str = opt.Dtype, context: int = opt.Context, devices: Optional[int] = opt.Devices,
+    seed: Optional[int] = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
+    dtype: str = opt.Dtype, context: Optional[int] = opt.Context, devices: Optional[int] = opt.Devices,
     template_var: Optional[List[str]] = opt.TemplateVar,
+    markdown: bool = typer.Option(True, "--markdown/--no-markdown",
+                                  help="Show replies as Markdown (a newline stays a line break), or as plain text."),
 ) -> None:
     """Chat with a model in an interactive REPL (/help lists the commands)."""
     from moecli.inference.text import load
     from moecli.inference.conversation import ChatSession
     from moecli.errors import UsageError
 
-    params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
     variables = opt.template_vars(template_var)
-    if max_tokens <= 0:
-        raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
-    if context <= 0:
+    if context is not None and context <= 0:
         raise UsageError(f"the context window must be positive, got --context {context}", "e.g. --context 4096")
     console = Console(highlight=False)
     source = opt.model_source(model)
     with console.status(f"loading {source} ..."):
         m, tokenizer = load(source, dtype=dtype, revision=revision, devices=devices)
-    session = ChatSession(m, tokenizer, params, max_tokens=max_tokens, context=context, system=system,
+    session = ChatSession(m, tokenizer, params, context=context, system=system,
                           stop=tuple(stop or ()), model_id=source, revision=revision, template_vars=variables,
                           notify=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
     console.print(f"[bold]moe chat[/bold] · {source} · context {session.decoder.max_len} tokens · "
                   "/help for commands, Ctrl-D to leave")
-    read = make_input(console)
+    read, view = make_input(console), View(markdown=markdown)
     while True:
         try:
             line = read()
@@ -229,16 +281,20 @@ def chat(
             continue
         try:
             if line.startswith("/"):
-                if not run_command(console, session, line.strip()):
+                if not run_command(console, session, line.strip(), view):
                     break
                 continue
             with Interrupt() as interrupt:
-                stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested))
-            if session.last_stats.stopped_by == "interrupted":
-                console.print("[yellow]\\[interrupted][/yellow]")
-        except MoecliError as err:
-            report(err)  # one line; the conversation goes on
+                stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested), view.markdown)
+            notice = session.stop_notice()  # [interrupted], or the context window is full
+            if notice:
+                console.print(f"[yellow]{escape(notice)}[/yellow]")
         except Exception as err:  # noqa: BLE001 - a failed reply must not lose the conversation
-            print(f"error: generation failed ({type(err).__name__}: {' '.join(str(err).split())}) — the "
-                  "conversation is kept; /save it or try again", file=sys.stderr)
+            if DEBUG["on"]:
+                traceback.print_exc()  # --debug: the whole traceback, and the conversation still goes on
+            if isinstance(err, MoecliError):
+                report(err)  # one line
+            else:
+                print(f"error: generation failed ({type(err).__name__}: {first_line(err)}) — the "
+                      "conversation is kept; /save it or try again", file=sys.stderr)
     console.print("[dim]bye[/dim]")

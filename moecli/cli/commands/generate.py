@@ -19,10 +19,10 @@ def generate(
     model: Optional[str] = opt.Model, revision: Optional[str] = opt.Revision,
     max_tokens: int = opt.MaxTokens, temperature: float = opt.Temperature, top_p: float = opt.TopP,
     top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
-    seed: int = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
+    seed: Optional[int] = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
     no_chat_template: bool = typer.Option(False, "--no-chat-template",
                                           help="Continue the prompt as raw text, even for a chat model."),
-    dtype: str = opt.Dtype, context: int = opt.Context,
+    dtype: str = opt.Dtype, context: Optional[int] = opt.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing and memory statistics to stderr."),
     routing_json: Optional[Path] = typer.Option(None, "--routing-json",
                                                 help="Write every token's experts and gate weights per MoE layer here."),
@@ -36,16 +36,15 @@ def generate(
     num_processes: Optional[int] = opt.NumProcesses, process_id: Optional[int] = opt.ProcessId,
 ) -> None:
     """Generate a reply to --prompt and stream it to stdout."""
-    from moecli.inference.text import GenerationStats, decoder_for, load, prompt_ids, stream_generate
+    from moecli.inference.text import (GenerationStats, context_full_note, decoder_for, load, note, prompt_ids,
+                                       stream_generate)
     from moecli.inference.routing import parse_mask
 
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
-    if max_tokens <= 0:
-        raise UsageError(f"--max-tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
-    params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
+    params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
     from moecli.runtime import init_distributed
 
     init_distributed(coordinator, num_processes, process_id)
@@ -59,68 +58,65 @@ def generate(
     decoder.set_expert_mask(parse_mask(mask or [], m.config))
     decoder.capture_routing = bool(routing_json or show_routing)
     stats = GenerationStats()
-    for piece in stream_generate(m, tokenizer, ids, max_tokens=max_tokens, stop=tuple(stop or ()), stats=stats,
+    for piece in stream_generate(m, tokenizer, ids, stop=tuple(stop or ()), stats=stats,
                                  decoder=decoder, **dataclasses.asdict(params)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    full = context_full_note(decoder, stats)
+    if full:
+        note(full)  # on stderr, under the reply
     if verbose:
-        print_stats(stats)
+        print_stats(stats, m, seed=params.seed)
     if decoder.capture_routing:
         report_routing(decoder, tokenizer, len(ids), routing_json, show_routing, routing_layer)
 
 
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """Each token's share of the decoded text (empty while a multi-byte character is incomplete)."""
-    detok = tokenizer.incremental_decoder(skip_special_tokens=False)
-    pieces = [detok.add(t) for t in ids]
-    if pieces:
-        pieces[-1] += detok.flush()
-    return pieces
-
-
 def report_routing(decoder, tokenizer, n_prompt: int, routing_json, show: bool, layer) -> None:
+    """--routing-json and --show-routing: the prompt's and the reply's tokens, less the `</s>` the
+    reply stopped at (the decoder fed it, but it is not part of the reply)."""
     import json
 
     from rich.console import Console
 
-    from moecli.inference.routing import moe_layer_numbers, routing_records, routing_views, token_view
+    from moecli.inference.routing import (moe_layer_numbers, routing_records, routing_views, token_pieces,
+                                          token_view, without_stop_token)
 
     config = decoder.model.config
     if not any(config.moe_layers):
         print("note: this model has no MoE layers to show", file=sys.stderr)
         return
-    pieces = token_pieces(tokenizer, decoder.ids)
+    n = n_prompt + without_stop_token(decoder.ids[n_prompt:], tokenizer)
+    ids, routing = decoder.ids[:n], decoder.routing[:n]
+    pieces = token_pieces(tokenizer, ids)
     if routing_json:
-        records = routing_records(decoder.ids, pieces, decoder.routing, config, n_prompt)
-        routing_json.write_text(json.dumps(records, ensure_ascii=False))
+        records = routing_records(ids, pieces, routing, config, n_prompt)
+        try:
+            routing_json.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        except OSError as err:
+            raise UsageError(f"cannot write {routing_json}: {err.strerror}",
+                             "choose another --routing-json path") from None
     if show:
         console = Console(stderr=True)
         layer = moe_layer_numbers(config)[-1] if layer is None else layer
-        console.print(token_view(pieces[n_prompt:], decoder.routing[n_prompt:], config, layer))
-        for view in routing_views(decoder.routing, config, decoder.model.mesh, decoder.model.dtype.itemsize):
+        colour = console.color_system is not None and not console.no_color
+        console.print(token_view(pieces[n_prompt:], routing[n_prompt:], config, layer, colour))
+        for view in routing_views(routing, config, "prompt + reply", decoder.model.mesh, decoder.model.dtype.itemsize):
             console.print(view)
 
 
-def print_stats(stats) -> None:
-    from moecli.inference.text import peak_memory_mb
+def print_stats(stats, model, seed: int | None = None) -> None:
+    from moecli.inference.text import peak_memory_mb, speed
+    from moecli.kernels import registry
 
     host, device = peak_memory_mb()
     lines = [
-        f"prompt: {stats.prompt_tokens} tokens, {stats.prefill_tok_s:.1f} tok/s",
-        f"generated: {stats.generated_tokens} tokens, {stats.decode_tok_s:.1f} tok/s (stopped by {stats.stopped_by})",
-        f"time to first token: {stats.ttft_s:.3f} s (compile {stats.compile_s:.3f} s)",
+        f"prompt: {stats.prompt_tokens} tokens, {speed(stats.prefill_tok_s)}",
+        f"generated: {stats.generated_tokens} tokens, {speed(stats.decode_tok_s)} (stopped by {stats.stopped_by})",
+        f"time to first token: {stats.ttft_s:.3f} s; compile {stats.compile_s:.3f} s, not counted in the speeds",
+        *([f"seed: {seed} (--seed {seed} repeats this reply)"] if seed is not None else []),
         f"peak memory: host {host:.0f} MB" + (f", device {device:.0f} MB" if device is not None else ""),
+        registry.describe(model.ops),
     ]
-    import jax
-
-    if jax.default_backend() == "cpu":
-        from moecli.kernels.cpu import ffi as cpu_kernels
-
-        lines.append(cpu_kernels.status())
-    elif jax.default_backend() == "gpu":
-        from moecli.kernels.gpu import pallas as gpu_kernels
-
-        lines.append(gpu_kernels.status())
     print("\n".join(lines), file=sys.stderr)

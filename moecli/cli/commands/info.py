@@ -12,7 +12,7 @@ from moecli.cli.app import command
 
 @command("info")
 def info(
-    model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint folder or Hub repo id."),
     devices: Optional[int] = typer.Option(None, "--devices", help="Show the placement over N devices "
                                                                   "[default: as `moe generate` would]."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype for the byte counts."),
@@ -24,7 +24,7 @@ def info(
     import numpy as np
 
     from moecli.hub import download as hub
-    from moecli.model.config import load_config
+    from moecli.checkpoints.families import load_config
     from moecli.inference.engine import resolve_dtype
     from moecli.errors import ResourceError
     from moecli.inference.routing import moe_layer_numbers

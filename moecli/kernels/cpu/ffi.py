@@ -12,8 +12,9 @@ XLA:CPU is fast at one large matrix product but slow where a MoE model spends it
 - attention (csrc/attention.cc): XLA computes and masks scores over the whole fixed-size cache;
   the kernel visits only the keys each query may see (online softmax, as in FlashAttention).
 They are XLA FFI custom calls (`jax.ffi`), so they compose with jit, scan and the rest of the
-model; the pure-JAX paths in `moe.py` and `layers.py` compute the same thing, are what the tests
-compare them against, and give the gradients (`with_reference_gradient`). One more, the loader's
+model; the pure-JAX paths in `moecli/model/` compute the same thing, are what the tests
+compare them against, and give the gradients (`moecli.kernels.gradients`); `moecli.kernels.cpu.backend`
+decides where each kernel runs. One more, the loader's
 transpose (csrc/transpose.cc, `transpose_into`), is a plain C function called through ctypes.
 Numbers in BENCHMARKS.md.
 
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moecli import env
+from moecli.errors import UsageError
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
 HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
@@ -87,9 +89,12 @@ def available() -> bool:
     if not env.switch("MOECLI_CPU_KERNELS"):
         _why_not = "turned off by MOECLI_CPU_KERNELS=0"
         return False
+    cap = _bf16_cap()  # a bad value is an error before the ~15 s build, not after
     try:
         global _library
         library = _library = ctypes.CDLL(str(_build()))
+        if library.MoecliSetBf16Cap(cap) != 0:  # before any kernel runs: the engine is chosen once
+            raise RuntimeError("the CPU kernels' bfloat16 engine was chosen before MOECLI_CPU_BF16 could cap it")
         for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec"),
                              ("moecli_grouped_experts", "MoecliGroupedExperts"), ("moecli_attention", "MoecliAttention"),
                              ("moecli_matmul", "MoecliMatmul")):
@@ -101,6 +106,18 @@ def available() -> bool:
 
 
 BF16_ENGINES = ("amx", "dpbf16", "float32")  # csrc/grouped_gemm.cc's bf16_engine(), best first
+
+
+def _bf16_cap() -> int:
+    """MOECLI_CPU_BF16 as csrc/grouped_gemm.cc's MoecliSetBf16Cap takes it: the index of the best
+    engine it allows in BF16_ENGINES (0, no cap, when unset)."""
+    cap = env.text("MOECLI_CPU_BF16")
+    if cap is None:
+        return 0
+    if cap.strip().lower() not in BF16_ENGINES:
+        raise UsageError(f"MOECLI_CPU_BF16={cap!r} is not an engine for bfloat16 prompts",
+                         f"choose {', '.join(BF16_ENGINES[:-1])} or {BF16_ENGINES[-1]}, or unset it")
+    return BF16_ENGINES.index(cap.strip().lower())
 
 
 def bf16_engine() -> str | None:
@@ -124,25 +141,22 @@ def _require() -> None:
         raise RuntimeError(status())
 
 
+WEIGHT_DTYPES = ("float32", "bfloat16")  # what the kernels multiply; float16 weights take plain XLA
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")  # cast to float32 before a kernel sees them
+
+
+def _check_dtypes(kernel: str, allowed: tuple[str, ...], **arrays) -> None:
+    """A TypeError naming the kernel, the array and its dtype unless every one of `arrays` has a
+    dtype in `allowed`. The kernels read raw memory: csrc/common.h's check_operands refuses a wrong
+    buffer too, but only once the program runs; this says so while tracing, in Python's terms."""
+    for name, array in arrays.items():
+        dtype = jnp.dtype(array.dtype).name
+        if dtype not in allowed:
+            raise TypeError(f"{kernel}: {name} is {dtype}, expected "
+                            + (f"{', '.join(allowed[:-1])} or " if allowed[:-1] else "") + allowed[-1])
+
+
 DECODE_ROWS = 8  # up to this many rows a product is a few matrix-vector products (decoding)
-
-
-def on() -> bool:
-    """Whether to call the kernels (decided at trace time): CPU backend and kernels built."""
-    return jax.default_backend() == "cpu" and available()
-
-
-def use_for(rows: int) -> bool:
-    """Whether a dense product of `rows` rows goes through `matvec`: decoding on CPU."""
-    return rows <= DECODE_ROWS and on()
-
-
-def with_reference_gradient(kernel, reference):
-    """kernel(*args) on the forward pass; gradients (training) through the pure-JAX `reference`,
-    which computes the same thing: JAX cannot differentiate a custom call or a Pallas kernel."""
-    f = jax.custom_vjp(kernel)
-    f.defvjp(lambda *args: (kernel(*args), args), lambda args, g: jax.vjp(reference, *args)[1](g))
-    return f
 
 
 def experts(x, expert_ids, gate_weights, w_gate, w_up, w_down) -> jax.Array:
@@ -152,6 +166,9 @@ def experts(x, expert_ids, gate_weights, w_gate, w_up, w_down) -> jax.Array:
     (csrc/cpu_kernels.cc); more (a prompt) as one grouped matrix product (csrc/grouped_gemm.cc)."""
     _require()
     kernel = "moecli_experts" if x.shape[0] <= DECODE_ROWS else "moecli_grouped_experts"
+    _check_dtypes(kernel, ACTIVATION_DTYPES, x=x)
+    _check_dtypes(kernel, WEIGHT_DTYPES, w_gate=w_gate)
+    _check_dtypes(kernel, (jnp.dtype(w_gate.dtype).name,), w_up=w_up, w_down=w_down)  # all three alike
     call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     y = call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), gate_weights.astype(jnp.float32),
              w_gate, w_up, w_down)
@@ -164,6 +181,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, window
     each query sees the keys at or before its position (within `window` positions, if given).
     Returns float32 [batch, kv_heads, group, t, head_dim]."""
     _require()
+    _check_dtypes("moecli_attention", ACTIVATION_DTYPES, q=q, k=k, v=v)
     call = jax.ffi.ffi_call("moecli_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                 jnp.asarray(start, jnp.int32).reshape(()), window=np.int64(window or 0))
@@ -172,6 +190,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, window
 def _product(target: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., k] @ w [k, n] through the kernel `target`, accumulated in float32; returns x's dtype."""
     _require()
+    _check_dtypes(target, ACTIVATION_DTYPES, x=x)
+    _check_dtypes(target, WEIGHT_DTYPES, w=w)
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], w.shape[1]), jnp.float32))
     return call(rows, w).reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)

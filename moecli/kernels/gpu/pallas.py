@@ -20,39 +20,35 @@ A prompt's tokens are sorted into blocks by expert (`moe.sort_into_blocks`, as M
 and `grouped_matmul` multiplies every block by its expert's matrix in one kernel on the tensor
 cores, where the pure-JAX `moe.experts_blocked` runs a scan of small products.
 
-Written with Pallas's Triton lowering (`pallas.triton.CompilerParams`), which compiled and ran on
-the H200 of issue 6. Block shapes are powers of two (Triton's rule), so the kernels apply where
-the matrices' sides are multiples of 16 (and a stack has under 2^31 elements: Triton's addresses
-are 32-bit offsets); elsewhere, with MOECLI_GPU_KERNELS=0, or if the kernels fail their
-self-check on the GPU at hand, moecli uses the pure-JAX paths. The tests run the kernels in
-Pallas's interpreter on CPU against the pure-JAX experts and lower them for CUDA; their speed is
-measured by `bench/gpu.sh` on a lent GPU (BENCHMARKS.md).
+Written with Pallas's Triton lowering (`pallas.triton.CompilerParams`). They have never run on a
+GPU: the tests run them in Pallas's interpreter on CPU against the pure-JAX experts and lower them
+for CUDA at the real models' shapes, and `bench/gpu.sh` is the prepared script that will first
+run and time them on one (BENCHMARKS.md). Until it has, they are opt-in (MOECLI_GPU_KERNELS=1;
+`moecli.kernels.gpu.backend`). Block shapes are powers of two (Triton's rule), so the kernels
+apply where the matrices' sides are multiples of 16 (and a stack has under 2^31 elements:
+Triton's addresses are 32-bit offsets); elsewhere, or if the kernels fail their self-check on the
+GPU at hand, moecli uses the pure-JAX paths.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
+from moecli.errors import first_line
+
 TARGET_PROGRAMS = 1024   # enough programs to keep every SM of an H100/H200 streaming
 ROW_CHUNK = 32           # rows of W per load: a [32, 128] bf16 tile is 8 KB in flight per program
-
-
-def on() -> bool:
-    """Whether the experts on this backend use the kernels (decided at trace time)."""
-    return (jax.default_backend() == "gpu" and os.environ.get("MOECLI_GPU_KERNELS", "1") != "0"
-            and self_check() is None)
 
 
 @functools.cache
 def self_check() -> str | None:
     """Compile and run both kernels once on a small case against XLA's einsum; None if they agree,
     else why not. A GPU, driver or JAX whose Triton path rejects a kernel (or miscomputes it) then
-    runs the pure-JAX paths instead of failing: the kernels are young, and their first real-GPU
-    run is still to come (BENCHMARKS.md). The check runs in a thread of its own: JAX's
+    runs the pure-JAX paths instead of failing: the kernels have never run on a GPU yet
+    (BENCHMARKS.md). The check runs in a thread of its own: JAX's
     tracing state is per thread, and the first caller is usually tracing a decode step, into
     which the check's operations would otherwise be staged."""
     with concurrent.futures.ThreadPoolExecutor(1) as thread:
@@ -72,18 +68,8 @@ def _check() -> str | None:
                     jnp.allclose(grouped_matmul(blocks, ids, w), want_blocks, rtol=1e-2, atol=1e-2))):
                 return "the self-check computed wrong numbers"
     except Exception as e:  # whatever the Triton toolchain raises: fall back, and say why in --verbose
-        return f"the self-check failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return f"the self-check failed: {type(e).__name__}: {first_line(e)}"
     return None
-
-
-def status() -> str:
-    """One line for --verbose."""
-    if jax.default_backend() != "gpu":
-        return "GPU expert kernels: off (no GPU)"
-    if os.environ.get("MOECLI_GPU_KERNELS", "1") == "0":
-        return "GPU expert kernels: off (MOECLI_GPU_KERNELS=0)"
-    why = self_check()
-    return "GPU expert kernels: on" if why is None else f"GPU expert kernels: off ({why})"
 
 
 def applies(n_experts: int, d: int, f: int) -> bool:

@@ -23,6 +23,7 @@
 
 namespace {
 
+using moecli::data;
 using moecli::parallel_for;
 namespace ffi = xla::ffi;
 
@@ -250,14 +251,21 @@ void attend_few(const float* qs, const float* ks, const float* vs, int64_t group
     for (int64_t c = 0; c < d; ++c) o[r * d + c] /= l[r];
 }
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> start, int64_t window,
-                     ffi::Result<ffi::Buffer<ffi::F32>> out) {
+// Every buffer float32 but `start`, an int32 scalar; letters: batch, kv heads (h), group, t, head_dim, len.
+ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer start,
+                     int64_t window, ffi::Result<ffi::AnyBuffer> out) {
+  if (ffi::Error error = moecli::check_operands("moecli_attention", {{"q", q, {ffi::F32}, "bhgtd"},
+                                                                    {"k", k, {ffi::F32}, "bhdl"},
+                                                                    {"v", v, {ffi::F32}, "bhld"},
+                                                                    {"start", start, {ffi::S32}, ""},
+                                                                    {"out", *out, {ffi::F32}, "bhgtd"}});
+      error.failure())
+    return error;
   const auto qd = q.dimensions();
   const int64_t batch = qd[0], kv = qd[1], group = qd[2], t = qd[3], d = qd[4], len = k.dimensions()[3];
-  const int64_t first = start.typed_data()[0], blocks = (t + kQueries - 1) / kQueries;
-  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
-  float* os = out->typed_data();
+  const int64_t first = *data<const int32_t>(start), blocks = (t + kQueries - 1) / kQueries;
+  const float *qs = data<const float>(q), *ks = data<const float>(k), *vs = data<const float>(v);
+  float* os = data<float>(*out);
   if (t <= kFewQueries) {
     parallel_for(pool, batch * kv, [&](int64_t head) { attend_few(qs, ks, vs, group, t, d, len, first, window, head, os); });
     return ffi::Error::Success();
@@ -275,9 +283,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Attr<int64_t>("window")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>());

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 
@@ -222,19 +224,117 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, Fn fn) {
   while (state->working.load() > 0) std::this_thread::yield();  // a helper inside may still hold `fn`
 }
 
-// The experts kernels' signature (decoding, cpu_kernels.cc; prompts, grouped_gemm.cc): x [t, d]
+// dtypes as numpy names them, for error messages.
+inline const char* dtype_name(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::S32: return "int32";
+    case ffi::DataType::S64: return "int64";
+    case ffi::DataType::S8: return "int8";
+    case ffi::DataType::U8: return "uint8";
+    case ffi::DataType::PRED: return "bool";
+    default: return "an unsupported dtype";
+  }
+}
+
+// One buffer of a kernel as the kernel expects it: the dtypes it may have and its shape, one
+// letter a dimension ("td": [t, d]; "": a scalar). A letter stands for one size in all of a
+// kernel's buffers, so "td" for x and "edf" for w_gate say that w_gate's rows match x's width.
+struct Operand {
+  const char* name;  // as moecli/kernels/cpu/ffi.py calls it
+  ffi::AnyBuffer buffer;
+  std::initializer_list<ffi::DataType> dtypes;
+  const char* dims;
+};
+
+// "[6, 20, 36]"; with letters, their sizes where known: "[6, 20, f]".
+inline std::string shape_text(ffi::AnyBuffer::Dimensions dims) {
+  std::string text;
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return "[" + text + "]";
+}
+inline std::string shape_text(const std::string& letters, const int64_t* size) {
+  std::string text;
+  for (size_t i = 0; i < letters.size(); ++i) {
+    const int64_t known = size[letters[i] - 'a'];
+    text += (i ? ", " : "") + (known < 0 ? std::string(1, letters[i]) : std::to_string(known));
+  }
+  return "[" + text + "]";
+}
+
+// Success, or an InvalidArgument error naming `kernel`, the first operand that is not as expected
+// and what it is instead. Every handler checks all of its buffers with this before it reads one:
+// the kernels read raw memory, so a float16 buffer taken for float32 (or a matrix narrower than
+// its neighbour says) reads past its end: a segfault or garbage, not an error.
+inline ffi::Error check_operands(const char* kernel, std::initializer_list<Operand> operands) {
+  int64_t size[26];  // each letter's size, -1 until an operand shows it
+  std::fill(size, size + 26, -1);
+  for (const Operand& op : operands) {
+    const std::string where = std::string(kernel) + ": " + op.name;
+    const ffi::DataType type = op.buffer.element_type();
+    if (std::find(op.dtypes.begin(), op.dtypes.end(), type) == op.dtypes.end()) {
+      std::string allowed;
+      for (ffi::DataType t : op.dtypes) allowed += (allowed.empty() ? "" : " or ") + std::string(dtype_name(t));
+      return ffi::Error::InvalidArgument(where + " is " + dtype_name(type) + ", expected " + allowed);
+    }
+    const auto dims = op.buffer.dimensions();
+    const std::string letters = op.dims;
+    bool ok = dims.size() == letters.size();
+    for (size_t i = 0; ok && i < letters.size(); ++i) {
+      int64_t& known = size[letters[i] - 'a'];
+      if (known < 0) known = dims[i];
+      ok = known == dims[i];
+    }
+    if (!ok)
+      return ffi::Error::InvalidArgument(where + " has shape " + shape_text(dims) + ", expected " +
+                                         shape_text(letters, size));
+  }
+  return ffi::Error::Success();
+}
+
+// A checked buffer's elements (check_operands said they are T).
+template <typename T>
+inline T* data(ffi::AnyBuffer buffer) {
+  return static_cast<T*>(buffer.untyped_data());
+}
+
+// The experts kernels' operands (decoding, cpu_kernels.cc; prompts, grouped_gemm.cc): x [t, d]
 // float32, expert ids [t, k] int32, gate weights [t, k] float32, w_gate, w_up [e, d, f] and
-// w_down [e, f, d] in float32 or bfloat16 -> y [t, d] float32.
+// w_down [e, f, d], all three float32 or all three bfloat16 -> y [t, d] float32. Every buffer is
+// bound untyped and checked here, so that a wrong one gets an error that names the kernel.
 inline auto experts_binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
       .Arg<ffi::AnyBuffer>()
-      .Ret<ffi::Buffer<ffi::F32>>();
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>();
+}
+inline ffi::Error check_experts(const char* kernel, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
+                                ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down, ffi::AnyBuffer y) {
+  const ffi::DataType weights = w_gate.element_type();
+  return check_operands(kernel, {{"x", x, {ffi::F32}, "td"},
+                                 {"expert_ids", experts, {ffi::S32}, "tk"},
+                                 {"gate_weights", gates, {ffi::F32}, "tk"},
+                                 {"w_gate", w_gate, {ffi::F32, ffi::BF16}, "edf"},
+                                 {"w_up", w_up, {weights}, "edf"},
+                                 {"w_down", w_down, {weights}, "efd"},
+                                 {"y", y, {ffi::F32}, "td"}});
+}
+
+// The dense products' operands (matvec, cpu_kernels.cc; matmul, grouped_gemm.cc): x [m, k]
+// float32 and w [k, n] float32 or bfloat16 -> y [m, n] float32.
+inline auto product_binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>();
+}
+inline ffi::Error check_product(const char* kernel, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y) {
+  return check_operands(kernel, {{"x", x, {ffi::F32}, "mk"}, {"w", w, {ffi::F32, ffi::BF16}, "kn"}, {"y", y, {ffi::F32}, "mn"}});
 }
 
 }  // namespace moecli

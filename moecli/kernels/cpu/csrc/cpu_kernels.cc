@@ -1,4 +1,4 @@
-// Batch-1 decoding kernels for XLA:CPU, registered as XLA FFI custom calls (see moecli/cpu_kernels.py).
+// Batch-1 decoding kernels for XLA:CPU, registered as XLA FFI custom calls (see moecli/kernels/cpu/ffi.py).
 //
 // Why: decoding one token is a chain of matrix-vector products, bound by how fast the weights stream
 // from memory. XLA:CPU leaves a lot of that bandwidth unused for MoE decoding:
@@ -20,6 +20,7 @@
 
 namespace {
 
+using moecli::data;
 using moecli::parallel_for;
 using moecli::to_float;
 namespace ffi = xla::ffi;
@@ -69,17 +70,15 @@ void run_products(ffi::ThreadPool& pool, const std::vector<Product<W>>& products
 // down(silu(x @ gate_e) * (x @ up_e)). Assignments whose expert id is outside [0, n_experts)
 // (another device's expert, see moecli.sharding) are skipped.
 template <typename W>
-ffi::Error ExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
-                       ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
-                       ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error ExpertsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
+                       ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down, ffi::AnyBuffer y) {
   const int64_t tokens = x.dimensions()[0], d = x.dimensions()[1];
   const int64_t top_k = experts.dimensions()[1];
   const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2];
   const int64_t n = tokens * top_k;
-  const W *g = static_cast<const W*>(w_gate.untyped_data()), *u = static_cast<const W*>(w_up.untyped_data()),
-          *dn = static_cast<const W*>(w_down.untyped_data());
-  const int32_t* expert = experts.typed_data();
-  const float *xs = x.typed_data(), *gate = gates.typed_data();
+  const W *g = data<const W>(w_gate), *u = data<const W>(w_up), *dn = data<const W>(w_down);
+  const int32_t* expert = data<const int32_t>(experts);
+  const float *xs = data<const float>(x), *gate = data<const float>(gates);
   std::vector<float> hg(n * f, 0.f), hu(n * f, 0.f), yd(n * d, 0.f);
 
   std::vector<Product<W>> up_products, down_products;  // 1. gate and up projections
@@ -97,44 +96,39 @@ ffi::Error ExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     hg[i] = v / (1.f + std::exp(-v)) * hu[i];
   }
   run_products(pool, down_products, f, d);  // 2. down projection
-  float* out = y->typed_data();  // 3. weighted sum over each token's assignments
+  float* out = data<float>(y);  // 3. weighted sum over each token's assignments
   std::fill(out, out + tokens * d, 0.f);
   for (int64_t a = 0; a < n; ++a)
     for (int64_t j = 0; j < d; ++j) out[(a / top_k) * d + j] += gate[a] * yd[a * d + j];
   return ffi::Error::Success();
 }
 
-ffi::Error Experts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
-                   ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
-                   ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error Experts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
+                   ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down, ffi::Result<ffi::AnyBuffer> y) {
+  if (ffi::Error error = moecli::check_experts("moecli_experts", x, experts, gates, w_gate, w_up, w_down, *y);
+      error.failure())
+    return error;
   if (w_gate.element_type() == ffi::BF16)
-    return ExpertsImpl<uint16_t>(pool, x, experts, gates, w_gate, w_up, w_down, y);
-  return ExpertsImpl<float>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+    return ExpertsImpl<uint16_t>(pool, x, experts, gates, w_gate, w_up, w_down, *y);
+  return ExpertsImpl<float>(pool, x, experts, gates, w_gate, w_up, w_down, *y);
 }
 
 // y[rows, n] = x[rows, k] @ w[k, n]: one product, split into row blocks over the threads.
 template <typename W>
-ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                      ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error MatvecImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y) {
   const int64_t rows = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[1];
-  run_products<W>(pool, {{x.typed_data(), k, rows, static_cast<const W*>(w.untyped_data()), y->typed_data()}}, k, n);
+  run_products<W>(pool, {{data<const float>(x), k, rows, data<const W>(w), data<float>(y)}}, k, n);
   return ffi::Error::Success();
 }
 
-ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                  ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  if (w.element_type() == ffi::BF16) return MatvecImpl<uint16_t>(pool, x, w, y);
-  return MatvecImpl<float>(pool, x, w, y);
+ffi::Error Matvec(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  if (ffi::Error error = moecli::check_product("moecli_matvec", x, w, *y); error.failure()) return error;
+  if (w.element_type() == ffi::BF16) return MatvecImpl<uint16_t>(pool, x, w, *y);
+  return MatvecImpl<float>(pool, x, w, *y);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliExperts, Experts,
-                              moecli::experts_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliExperts, Experts, moecli::experts_binding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatvec, Matvec,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatvec, Matvec, moecli::product_binding());

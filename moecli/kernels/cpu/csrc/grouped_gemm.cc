@@ -11,14 +11,14 @@
 // Three engines do the products: float32 register tiles on any CPU (gemm_fp32.h; bfloat16 weights
 // are widened as they are packed) and, for bfloat16 weights, AMX tiles where the CPU has them
 // (gemm_amx.h), else AVX512-BF16 dot products where it has those (gemm_dpbf16.h). bf16_engine()
-// picks one per process; MOECLI_CPU_BF16 caps the choice (amx, dpbf16 or float32).
+// picks one per process; MoecliSetBf16Cap (moecli/kernels/cpu/ffi.py passes MOECLI_CPU_BF16)
+// caps the choice.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #include "common.h"
@@ -29,6 +29,7 @@
 namespace {
 
 using moecli::AmxEngine;
+using moecli::data;
 using moecli::Dpbf16Engine;
 using moecli::Fp32Engine;
 using moecli::parallel_for;
@@ -43,16 +44,18 @@ constexpr int64_t kPadC = 16;
 static_assert(AmxEngine::kCols == kNC, "every engine fills the dense product's column blocks");
 
 // The engine for bfloat16 weights, best first: 0 AMX, 1 AVX512-BF16, 2 float32 (widening). The
-// CPU and this build decide what is there; MOECLI_CPU_BF16=dpbf16 or float32 rules out the ones
-// above it, any other value all but float32 (for measuring and testing one engine against another).
+// CPU and this build decide what is there; a cap (MoecliSetBf16Cap: dpbf16 or float32) rules out
+// the ones above it, for measuring and testing one engine against another. Chosen once, on first use.
 enum Bf16Engine { kAmx, kDpbf16, kFp32 };
+std::atomic<int> bf16_cap{kAmx};
+std::atomic<bool> bf16_chosen{false};
 Bf16Engine bf16_engine() {
   static const Bf16Engine engine = [] {
-    const char* env = std::getenv("MOECLI_CPU_BF16");
-    const std::string cap = env ? env : "amx";
-    if (cap == "amx" && moecli::amx_ready()) return kAmx;
+    bf16_chosen.store(true);
+    const int cap = bf16_cap.load();
+    if (cap == kAmx && moecli::amx_ready()) return kAmx;
 #ifdef MOECLI_HAS_DPBF16
-    if (cap == "amx" || cap == "dpbf16") return kDpbf16;
+    if (cap <= kDpbf16) return kDpbf16;
 #endif
     return kFp32;
   }();
@@ -74,16 +77,14 @@ ffi::Error with_engine(ffi::DataType weights, Run run) {
 // y[t] = sum over the token's assignments a of weight[a] * SwiGLU_e(x[t]), e = expert[a], for a
 // prompt's worth of tokens; ids outside [0, n_experts) (another device's experts) are skipped.
 template <typename W, typename E>
-ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
-                              ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
-                              ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
+                              ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down, ffi::AnyBuffer y) {
   constexpr int R = E::kRows;
   const int64_t tokens = x.dimensions()[0], d = x.dimensions()[1], top_k = experts.dimensions()[1];
   const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2], n = tokens * top_k;
-  const W *wg = static_cast<const W*>(w_gate.untyped_data()), *wu = static_cast<const W*>(w_up.untyped_data()),
-          *wd = static_cast<const W*>(w_down.untyped_data());
-  const int32_t* expert = experts.typed_data();
-  const float *xs = x.typed_data(), *gate = gates.typed_data();
+  const W *wg = data<const W>(w_gate), *wu = data<const W>(w_up), *wd = data<const W>(w_down);
+  const int32_t* expert = data<const int32_t>(experts);
+  const float *xs = data<const float>(x), *gate = data<const float>(gates);
 
   // 1. Group the assignments by expert: expert e owns slivers first[e]..first[e + 1] (R rows each).
   std::vector<int64_t> count(n_experts, 0), first(n_experts + 1, 0), row_of(n, -1);
@@ -148,7 +149,7 @@ ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   });
 
   // 5. y[t] = the gate-weighted sum of its assignments' rows, in assignment order.
-  float* out = y->typed_data();
+  float* out = data<float>(y);
   parallel_for(pool, tokens, [&](int64_t t) {
     float* yt = out + t * d;
     std::fill(yt, yt + d, 0.f);
@@ -161,11 +162,14 @@ ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> experts,
-                          ffi::Buffer<ffi::F32> gates, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
-                          ffi::AnyBuffer w_down, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
+                          ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
+                          ffi::Result<ffi::AnyBuffer> y) {
+  if (ffi::Error error = moecli::check_experts("moecli_grouped_experts", x, experts, gates, w_gate, w_up, w_down, *y);
+      error.failure())
+    return error;
   return with_engine(w_gate.element_type(), [&](auto w, auto engine) {
-    return GroupedExpertsImpl<decltype(w), decltype(engine)>(pool, x, experts, gates, w_gate, w_up, w_down, y);
+    return GroupedExpertsImpl<decltype(w), decltype(engine)>(pool, x, experts, gates, w_gate, w_up, w_down, *y);
   });
 }
 
@@ -175,8 +179,7 @@ ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // Work items: (row block, column block), with as few row blocks as keep every thread busy (each
 // packs its column block of w again); each copies its block of C to y while it is still in cache.
 template <typename W, typename E>
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                      ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y) {
   const int64_t m = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   const int64_t slivers = (m + E::kRows - 1) / E::kRows, kk = E::row_size(K), np = round_up(N, 32) + kPadC;
   const int64_t col_blocks = (N + kNC - 1) / kNC;
@@ -186,13 +189,14 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
   Workspace work(round_up(a_floats, 16) + slivers * E::kRows * np);
   auto* a = reinterpret_cast<typename E::A*>(work.take(a_floats));
   float* c = work.take(slivers * E::kRows * np);
-  const float* xs = x.typed_data();
+  const float* xs = data<const float>(x);
+  float* out = data<float>(y);
   parallel_for(pool, slivers, [&](int64_t s) {
     const float* rows[E::kRows];
     for (int i = 0; i < E::kRows; ++i) rows[i] = s * E::kRows + i < m ? xs + (s * E::kRows + i) * K : nullptr;
     E::pack(rows, K, a + s * E::kRows * kk);
   });
-  const W* ws = static_cast<const W*>(w.untyped_data());
+  const W* ws = data<const W>(w);
   parallel_for(pool, row_blocks * col_blocks, [&](int64_t item) {
     const int64_t s0 = (item / col_blocks) * per_block, n0 = (item % col_blocks) * kNC;
     if (s0 >= slivers) return;
@@ -200,28 +204,33 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
             np);
     const int64_t width = std::min(kNC, N - n0);
     for (int64_t r = s0 * E::kRows; r < std::min(m, (s0 + per_block) * E::kRows); ++r)
-      std::copy(c + r * np + n0, c + r * np + n0 + width, y->typed_data() + r * N + n0);
+      std::copy(c + r * np + n0, c + r * np + n0 + width, out + r * N + n0);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
+  if (ffi::Error error = moecli::check_product("moecli_matmul", x, w, *y); error.failure()) return error;
   return with_engine(w.element_type(), [&](auto w_dtype, auto engine) {
-    return MatmulImpl<decltype(w_dtype), decltype(engine)>(pool, x, w, y);
+    return MatmulImpl<decltype(w_dtype), decltype(engine)>(pool, x, w, *y);
   });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul, moecli::product_binding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts,
-                              moecli::experts_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts, moecli::experts_binding());
 
 // For `moe generate --verbose` and the tests: the engine of bfloat16 prompts (see bf16_engine).
 extern "C" int MoecliBf16Engine() { return bf16_engine(); }
+
+// Caps bf16_engine()'s choice: 0 AMX (no cap), 1 AVX512-BF16, 2 float32. moecli/kernels/cpu/ffi.py
+// calls it with MOECLI_CPU_BF16 right after loading the library (only moecli/env.py reads
+// moecli's environment variables). Returns 0, or -1 for a cap out of range or one that comes
+// after the engine was chosen (it would not apply).
+extern "C" int MoecliSetBf16Cap(int cap) {
+  if (cap < kAmx || cap > kFp32 || (bf16_chosen.load() && cap != bf16_cap.load())) return -1;
+  bf16_cap.store(cap);
+  return 0;
+}

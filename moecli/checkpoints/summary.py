@@ -1,0 +1,86 @@
+"""A checkpoint folder checked and summarised from its config.json and safetensors headers alone."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from moecli.checkpoints.families import load_config, read_config_json
+from moecli.checkpoints.safetensors import INDEX, SAFETENSORS_DTYPES, check_dtypes, check_safetensors, safetensors_files
+from moecli.errors import CheckpointError
+from moecli.hub.progress import human_bytes, human_count
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSummary:
+    """What `validate_checkpoint` found: enough to tell the user what they downloaded."""
+
+    folder: Path
+    architecture: str       # "mixtral (MixtralForCausalLM)"
+    layers: int
+    experts: int
+    top_k: int
+    total_params: int
+    active_params: int      # per token: top_k experts per MoE layer
+    dtype: str              # most of the weight bytes, e.g. "bfloat16"
+    size_bytes: int         # the safetensors files on disk
+    shards: int
+
+
+def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
+    """Check a checkpoint folder before loading it and summarise it.
+
+    Raises `ConfigError` for a missing/unsupported config.json, `CheckpointError` for a missing shard,
+    a truncated/corrupt safetensors file or a quantized tensor (naming it). Reads only config.json and the safetensors
+    headers, so it is fast on any size of model.
+    """
+    folder = Path(folder)
+    config = load_config(folder)
+    hf_config = read_config_json(folder)
+    files = safetensors_files(folder)
+    dtype_bytes: collections.Counter[str] = collections.Counter()
+    names_by_file: dict[str, set[str]] = {}
+    size = 0
+    for path in files:
+        header, _ = check_safetensors(path)
+        check_dtypes(path, header)
+        size += path.stat().st_size
+        names_by_file[path.name] = {k for k in header if k != "__metadata__"}
+        for name, info in header.items():
+            if name != "__metadata__":
+                dtype_bytes[info["dtype"]] += info["data_offsets"][1] - info["data_offsets"][0]
+
+    index = folder / INDEX
+    if index.is_file():
+        for name, shard in json.loads(index.read_text())["weight_map"].items():
+            if name not in names_by_file.get(shard, ()):
+                raise CheckpointError(f"tensor {name} is not in {shard}, although {INDEX} says so",
+                                      "the shards and the index disagree; download the checkpoint again")
+
+    architectures = hf_config.get("architectures") or []
+    arch = f"{config.family} ({architectures[0]})" if architectures else config.family
+    total, active = config.parameter_counts()
+    dtype = dtype_bytes.most_common(1)[0][0] if dtype_bytes else "?"
+    return CheckpointSummary(
+        folder=folder, architecture=arch, layers=config.n_layers, experts=config.n_experts,
+        top_k=config.top_k, total_params=total, active_params=active,
+        dtype=SAFETENSORS_DTYPES.get(dtype, dtype.lower()), size_bytes=size, shards=len(files))
+
+
+def summary_table(summary: CheckpointSummary) -> Table:
+    """A two-column rich table of a `CheckpointSummary`, for the CLI to print."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("Folder", str(summary.folder))
+    table.add_row("Architecture", summary.architecture)
+    table.add_row("Layers", str(summary.layers))
+    table.add_row("Experts", f"{summary.experts} ({summary.top_k} active per token)")
+    table.add_row("Parameters", f"{human_count(summary.total_params)} total, "
+                                f"{human_count(summary.active_params)} active per token")
+    table.add_row("Weights", f"{summary.dtype}, {summary.shards} safetensors file"
+                             f"{'s' if summary.shards != 1 else ''}, {human_bytes(summary.size_bytes)} on disk")
+    return table

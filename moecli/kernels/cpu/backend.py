@@ -1,0 +1,108 @@
+"""The CPU backend: the C++ kernels where they are built, and XLA:CPU's workarounds either way.
+
+What XLA:CPU needs that other backends do not, kept here rather than in the model:
+- keys cached transposed, [batch, kv_heads, head_dim, max_len], so both attention products are
+  plain [rows, inner] x [inner, cols] products read in place (with keys as rows, XLA:CPU
+  transposed the whole key cache on every decode step; the C++ attention reads them this way too);
+- a float32 KV cache whatever the weights' dtype: XLA:CPU's bfloat16 attention dots run ~20x
+  slower than float32 ones, and the cache is small beside the weights;
+- RoPE's cos and sin computed apart (`isolate`): XLA:CPU fuses elementwise producers into every
+  consumer, evaluating them again for every head of q and k (~6% of a 512-token prompt);
+- one decoding token's attention as a broadcast multiply and a sum, which XLA fuses into one pass
+  over the cache (as a dot, it copied the cache into another layout every step).
+With the kernels (`moecli.kernels.cpu.ffi`; MOECLI_CPU_KERNELS=0 turns them off), matrix products,
+attention and the experts run in C++ for float32 and bfloat16 weights; float16 weights, which the
+kernels do not read, take the XLA paths. Gradients always go through the pure-JAX references.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moecli.kernels.cpu import ffi
+from moecli.kernels.gradients import with_reference_gradient
+from moecli.model import experts as E
+from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla
+from moecli.model.router import Routing
+
+
+
+def reads(dtype) -> bool:
+    """Whether the C++ kernels multiply weights of `dtype` (float32, bfloat16; not float16)."""
+    return jnp.dtype(dtype).name in ffi.WEIGHT_DTYPES
+
+
+def isolate(fn, x):
+    """fn(x), computed on its own rather than fused into its consumers. XLA fuses nothing across a
+    conditional's boundary, and a predicate it cannot fold keeps the conditional (on CPU
+    `optimization_barrier` is removed before fusion)."""
+    flat = x.reshape(-1)
+    return jax.lax.cond(flat[0] == flat[0], fn, fn, x)
+
+
+def attention_product(a: jax.Array, b: jax.Array, seq: int) -> jax.Array:
+    """a [batch, kv, group, t, inner] @ b [batch, kv, inner, cols] per head, in float32: q @ keys
+    (inner = head_dim) or probs @ values (inner = positions). One decoding token (t = 1): a
+    broadcast multiply and a sum over `inner`, one fused pass over the cache."""
+    if seq == 1:
+        return jnp.sum(a.astype(jnp.float32)[..., None] * b.astype(jnp.float32)[:, :, None, None], axis=-2)
+    return jnp.einsum("bkgti,bkic->bkgtc", a.astype(b.dtype), b, preferred_element_type=jnp.float32)
+
+
+def attend_xla_cpu(q, k, v, positions, window: int | None) -> jax.Array:
+    """`moecli.model.ops.attend_xla` for transposed keys [b, kv, d, len], the XLA:CPU way."""
+    scores = attention_product(q, k, q.shape[3]) / math.sqrt(q.shape[-1])
+    mask = attention_mask(positions, jnp.arange(k.shape[-1]), window)  # [t, len]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, len]
+    return attention_product(jax.nn.softmax(scores, axis=-1), v, q.shape[3])
+
+
+def attend_kernel(q, k, v, positions, window: int | None) -> jax.Array:
+    """Causal attention in C++ (csrc/attention.cc): it visits only the keys each query may see,
+    where XLA computes and masks the whole fixed-size cache (~2x the work for a prompt, and all of
+    max_len for every decoded token)."""
+    kernel = lambda q, k, v, positions: ffi.attention(  # noqa: E731
+        q.astype(jnp.float32) / math.sqrt(q.shape[-1]), k, v, positions[0], window)
+    reference = lambda q, k, v, positions: attend_xla_cpu(q, k, v, positions, window)  # noqa: E731
+    return with_reference_gradient(kernel, reference)(q, k, v, positions)
+
+
+def matmul_kernel(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., k] @ w [k, n] in C++: decoding (a few rows) as matrix-vector products on every core
+    (XLA:CPU streams float32 weights ~20% slower, and converts bfloat16 ones to a float32 copy first,
+    ~20x slower); a prompt as a packed matrix product (~1.2x XLA's float32 dot; bfloat16 on AMX tiles
+    or AVX512-BF16 where the CPU has them)."""
+    out_dtype = out_dtype or x.dtype
+    if not reads(w.dtype):
+        return matmul_xla(x, w, out_dtype)
+    kernel = ffi.matvec if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul
+    reference = lambda x, w: jnp.matmul(x, w, preferred_element_type=x.dtype)  # noqa: E731
+    return with_reference_gradient(kernel, reference)(x, w).astype(out_dtype)
+
+
+def experts_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
+    """Dropless experts in C++. Decoding: each chosen expert read once, in place, on every core,
+    bfloat16 widened in registers (~3x `experts_scanned` in float32, ~30x in bfloat16). A prompt: one
+    grouped matrix product in which each expert multiplies exactly its own tokens (~2x
+    `experts_blocked`, which pads every expert to whole blocks). Ids outside [0, n_experts) skipped."""
+
+    def reference(x, experts, weights, w_gate, w_up, w_down):
+        return E.experts_blocked(x, w_gate, w_up, w_down, Routing(experts, weights, None), n_experts)
+
+    kernel = with_reference_gradient(ffi.experts, reference)
+    return kernel(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+
+
+def pick_experts(tokens: int, top_k: int, n_experts: int, dtype):
+    return experts_kernel if reads(dtype) else experts_xla(tokens, top_k, n_experts, dtype)
+
+
+def cpu_ops() -> Ops:
+    """The CPU backend's operations: the C++ kernels when built (else why not, in `notes`)."""
+    common = dict(keys_transposed=True, float32_cache=True, isolate=isolate)
+    if ffi.available():
+        return Ops("cpu-kernels", matmul=matmul_kernel, attention=attend_kernel, experts=pick_experts,
+                   notes=(ffi.status(),), **common)
+    return Ops("xla-cpu", attention=attend_xla_cpu, notes=(ffi.status(),), **common)

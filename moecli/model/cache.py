@@ -1,0 +1,53 @@
+"""Per-layer caches behind one interface, and the whole model's cache.
+
+KV caching: during generation each new token attends to every earlier token, whose keys and
+values do not change; storing them makes a decode step cost O(context) instead of re-running the
+whole prefix. Each layer's cache is of its attention kind's own type (`moecli.model.attention.ATTENTION`
+pairs them): keys and values today; compressed latents or recurrent
+states fit the same interface — `empty(...)` builds one, the layer's attention reads and writes
+it — so the decoder, chat cache reuse and sharding never look inside.
+
+Caches are preallocated to a fixed length, so shapes never change; the write position is an
+array (`Cache.pos`), not a Python int, so every decode step has the same shapes and compiles once.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moecli.model.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+    """One layer's keys and values for positions 0..max_len-1.
+
+    Keys are [batch, kv_heads, max_len, head_dim] — or [batch, kv_heads, head_dim, max_len] where the
+    backend asks for it (`Ops.keys_transposed`: the CPU backend, whose attention reads them as the
+    right operand of a plain matrix product)."""
+
+    k: jax.Array
+    v: jax.Array  # [batch, kv_heads, max_len, head_dim]
+
+    @classmethod
+    def empty(cls, config: ModelConfig, layer: int, batch: int, max_len: int, dtype, keys_transposed: bool):
+        values = (batch, config.n_kv_heads, max_len, config.head_dim)
+        keys = (batch, config.n_kv_heads, config.head_dim, max_len) if keys_transposed else values
+        return cls(jnp.zeros(keys, dtype), jnp.zeros(values, dtype))
+
+    def write(self, k: jax.Array, v: jax.Array, pos: jax.Array, keys_transposed: bool) -> "KVCache":
+        """This chunk's k and v [batch, kv_heads, t, head_dim] stored at positions pos..pos+t-1."""
+        if keys_transposed:
+            k_new = jax.lax.dynamic_update_slice(self.k, k.swapaxes(2, 3).astype(self.k.dtype), (0, 0, 0, pos))
+        else:
+            k_new = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, 0, pos, 0))
+        return KVCache(k_new, jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, 0, pos, 0)))
+
+
+class Cache(NamedTuple):
+    """Every layer's cache plus `pos`, how many positions are filled (int32 scalar)."""
+
+    layers: tuple
+    pos: jax.Array
+

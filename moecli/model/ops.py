@@ -1,0 +1,73 @@
+"""The operations the model hands to a backend, and the plain-XLA reference set.
+
+The model's modules never decide *how* a matrix product, attention or the experts are computed:
+they call the `Ops` they were built with. Which set that is — the C++ CPU kernels, the Pallas GPU
+kernels, plain XLA — is chosen once, when a `Model` is built (`moecli.kernels.registry.select`),
+and recorded on it. `XLA` below is the reference: plain JAX, differentiable, the same on every
+platform, and what the faster sets are tested against. Training uses it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moecli.model import experts as E
+
+
+def matmul_xla(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's)."""
+    return jnp.matmul(x, w, preferred_element_type=out_dtype or x.dtype)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """Causal mask [q, k]: a query sees keys at or before its own position (and, with a sliding
+    window, fewer than `window` positions back)."""
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    return visible
+
+
+def attend_xla(q, k, v, positions, window: int | None) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim), causal mask) v, in float32.
+
+    q [b, kv, group, t, d] at `positions` [t]; keys and values [b, kv, len, d] at positions
+    0..len-1 (a cache's slots, or the chunk itself). Returns float32 [b, kv, group, t, d]. The
+    softmax runs in float32: bfloat16's 8 mantissa bits are too few for a sum over thousands of keys."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    mask = attention_mask(positions, jnp.arange(k.shape[2]), window)             # [t, len]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def experts_xla(tokens: int, top_k: int, n_experts: int, dtype) -> Callable:
+    """The dropless experts for `tokens` tokens: a scan over the assignments when there are fewer
+    than experts (decoding reads only the chosen experts), else block-sparse (prompts)."""
+    return E.experts_scanned if tokens * top_k < n_experts else E.experts_blocked
+
+
+def _same(fn, x):
+    return fn(x)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One backend's implementations of the model's operations (see the module docstring)."""
+
+    name: str
+    matmul: Callable = matmul_xla          # (x, w, out_dtype=None) -> x @ w
+    attention: Callable = attend_xla       # (q, k, v, positions, window) -> float32 [b, kv, g, t, d]
+    experts: Callable = experts_xla        # (tokens, top_k, n_experts, weight dtype) -> dropless experts fn
+    keys_transposed: bool = False          # the KV cache keeps keys as [b, kv, d, len] (see model.cache)
+    float32_cache: bool = False            # the KV cache in float32 whatever the weights' dtype
+    isolate: Callable = _same              # isolate(fn, x) = fn(x), computed apart from its consumers
+    notes: tuple[str, ...] = field(default=(), compare=False)   # what `--verbose` prints about it
+
+
+XLA = Ops("xla")
