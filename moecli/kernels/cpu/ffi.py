@@ -25,6 +25,7 @@ CPU. No compiler, a failed build or MOECLI_CPU_KERNELS=0: moecli runs the pure-J
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -58,28 +59,67 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build() -> Path:
-    from moecli.runtime import cache_dir
-
+def _compiler_and_flags() -> tuple[str, list[str]]:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    flags = ["-O3", "-DNDEBUG", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
+    flags = ["-O3", "-DNDEBUG", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-fPIC",
              f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), jax.__version__, _cpu_signature(), compiler, *flags])
-                         .encode()).hexdigest()[:16]
-    library = cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    return compiler, flags
+
+
+def library_path() -> Path:
+    """Where the library for these sources, this jaxlib, this CPU and compiler is (or will be) built."""
+    from moecli.runtime import cache_dir
+
+    compiler, flags = _compiler_and_flags()
+    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), jax.__version__, _cpu_signature(),
+                                    compiler, *flags]).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+
+
+def is_built() -> bool:
+    """Whether the kernels are already built for this machine (so loading them takes no time)."""
+    try:
+        return library_path().exists()
+    except RuntimeError:  # no compiler: nothing to build either
+        return True
+
+
+def _build() -> Path:
+    """Compile the sources, one process per file in parallel (the ~15 s of a first launch is mostly
+    the compiler), link, and rename into place: two processes building at once both succeed."""
+    library = library_path()
     if library.exists():
         return library
+    compiler, flags = _compiler_and_flags()
     library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # build aside, then rename: atomic
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+
+        def run(args):
+            result = subprocess.run([compiler, *args], capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                raise RuntimeError(f"building the CPU kernels failed: {result.stderr.strip()[-500:]}")
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(SOURCES), os.cpu_count() or 1))) as pool:
+            list(pool.map(run, [[*flags, "-c", str(s), "-o", str(o)] for s, o in zip(SOURCES, objects)]))
         built = Path(tmp) / library.name
-        result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True,
-                                timeout=600)
-        if result.returncode != 0:
-            raise RuntimeError(f"building the CPU kernels failed: {result.stderr.strip()[-500:]}")
+        run([*flags, "-shared", *map(str, objects), "-o", str(built)])
         built.replace(library)
     return library
+
+
+_building: concurrent.futures.Future | None = None
+
+
+def start_building() -> None:
+    """Start building the kernels in the background, if they are not built yet, so the compiler runs
+    while the caller does other work (a command's imports, reading the weights); `available()`
+    then waits for it. A no-op when built, switched off, or already started."""
+    global _building
+    if _building is None and env.switch("MOECLI_CPU_KERNELS") and not is_built():
+        _building = concurrent.futures.ThreadPoolExecutor(1).submit(_build)
 
 
 @functools.cache
@@ -92,7 +132,7 @@ def available() -> bool:
     cap = _bf16_cap()  # a bad value is an error before the ~15 s build, not after
     try:
         global _library
-        library = _library = ctypes.CDLL(str(_build()))
+        library = _library = ctypes.CDLL(str(_building.result() if _building else _build()))
         if library.MoecliSetBf16Cap(cap) != 0:  # before any kernel runs: the engine is chosen once
             raise RuntimeError("the CPU kernels' bfloat16 engine was chosen before MOECLI_CPU_BF16 could cap it")
         for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec"),
