@@ -5,7 +5,7 @@ import os
 import sys
 
 mode, folder, out = sys.argv[1], sys.argv[2], sys.argv[3]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 if mode == 'devices' else 4}"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if mode == 'multihost' else 8}"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,6 +27,16 @@ if mode == "devices":
         result[n] = dict(logits=logits.tolist(), greedy=generate_tokens(model, IDS[0, :5], 12),
                          expert_shard_shapes=[list(s.data.shape) for s in w.addressable_shards],
                          devices_used=len(per_device), bytes_per_device=sorted(per_device.values()))
+    json.dump(result, open(out, "w"))
+elif mode == "quantized":  # q4 experts split over 1 and 4 devices
+    from moecli import generate_tokens, load_model
+
+    result = {}
+    for n in (1, 4):
+        model = load_model(folder, dtype="float32", devices=n, quantize="q4")
+        w = model.params["transformer/layer_0/moe"]["w_gate_q"]
+        result[n] = dict(logits=np.asarray(model(IDS)).tolist(), greedy=generate_tokens(model, IDS[0, :5], 8),
+                         expert_shard_shapes=[list(s.data.shape) for s in w.addressable_shards])
     json.dump(result, open(out, "w"))
 else:  # one of two processes: python sharding_worker.py multihost FOLDER OUT PORT PROCESS_ID
     from moecli.runtime import init_distributed

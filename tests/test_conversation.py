@@ -3,6 +3,7 @@ the context window drops old turns visibly, and failures never lose the conversa
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -14,6 +15,7 @@ from moecli.inference.sampling import SamplingParams
 from moecli.text.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
+SAMPLED = SamplingParams(temperature=1.0, seed=None)  # no seed: the session draws one
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +24,15 @@ def parts(tmp_path_factory):
     return load_model(folder, dtype="float32"), Tokenizer.from_dir(folder)
 
 
-def session(parts, **kw):
+def session(parts, params=GREEDY, **kw):
     model, tok = parts
     notes = []
-    chat = ChatSession(model, tok, GREEDY, max_tokens=kw.pop("max_tokens", 8), notify=notes.append, **kw)
+    chat = ChatSession(model, tok, params, max_tokens=kw.pop("max_tokens", 8), notify=notes.append, **kw)
     return chat, notes
+
+
+def talk(chat, messages) -> list[str]:
+    return ["".join(chat.reply(m)) for m in messages]
 
 
 def test_cached_turns_equal_fresh_prefill(parts):
@@ -116,3 +122,75 @@ def test_template_variables_reach_the_chat_template():
     "".join(chat.reply("To be, or not to be?"))
     text = tok.decode(chat.decoder.ids, skip_special_tokens=False)
     assert "HAMLET.\nTo be, or not to be?" in text and "OPHELIA.\n" in text and "ROMEO" not in text
+
+
+# -- randomness: fresh for each reply, replayable per seed ------------------------------------------
+
+def test_each_reply_draws_fresh_randomness(parts):
+    """The same prompt in the same context, twice in one session: different replies when sampling."""
+    chat, _ = session(parts, SamplingParams(temperature=1.0, seed=4), max_tokens=12)
+    first = "".join(chat.reply("hello"))
+    chat.clear()
+    assert "".join(chat.reply("hello")) != first
+
+
+def test_a_seeded_conversation_replays_exactly(parts):
+    params, script = SamplingParams(temperature=1.0, seed=11), ["hello", "and then?", "hello"]
+    replies = talk(session(parts, params)[0], script)
+    assert talk(session(parts, params)[0], script) == replies
+    assert talk(session(parts, SamplingParams(temperature=1.0, seed=12))[0], script) != replies
+
+
+def test_an_unseeded_session_records_its_seed_and_replays_with_it(parts):
+    chat, _ = session(parts, SAMPLED)
+    seed = chat.settings()["seed"]
+    assert isinstance(seed, int)
+    replies = talk(chat, ["hello", "and then?"])
+    assert talk(session(parts, SamplingParams(temperature=1.0, seed=seed))[0], ["hello", "and then?"]) == replies
+    assert session(parts, SAMPLED)[0].settings()["seed"] != seed  # another session, another seed
+
+
+def test_save_writes_the_seed_and_load_restores_it(parts, tmp_path):
+    chat, _ = session(parts, SAMPLED)
+    "".join(chat.reply("hello"))
+    path = chat.save(tmp_path / "c.json")
+    data = json.loads(path.read_text())
+    assert data["settings"]["seed"] == chat.params.seed and data["replies"] == 1
+    other, _ = session(parts, SAMPLED)
+    other.load(path)
+    assert other.params == chat.params and other.replies == 1
+    assert "".join(other.reply("and then?")) == "".join(chat.reply("and then?"))  # continues as it would have
+
+
+def test_set_checks_through_the_one_validator(parts):
+    chat, _ = session(parts)
+    chat.set("max_tokens", "5")
+    assert chat.max_tokens == 5 and chat.settings()["max_tokens"] == 5
+    for name, value, message in [("max_tokens", "0", "max_tokens must be positive"),
+                                 ("top_p", "7", "top_p must be in (0, 1]"),
+                                 ("seed", "-1", "seed must be an integer")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            chat.set(name, value)
+    assert chat.max_tokens == 5  # a refused value changes nothing
+
+
+# -- the context window ------------------------------------------------------------------------------
+
+def test_a_reply_that_fills_the_context_gets_a_notice(parts):
+    chat, _ = session(parts, context=130, max_tokens=200)
+    "".join(chat.reply("hello"))
+    assert chat.last_stats.stopped_by == "context full" and chat.decoder.pos == 130
+    assert "context window (130 tokens) is full" in chat.stop_notice()
+    short, _ = session(parts)
+    "".join(short.reply("hello"))
+    assert short.last_stats.stopped_by != "context full" and short.stop_notice() is None
+
+
+def test_a_context_above_the_models_maximum_is_capped_with_a_notice(parts, capsys):
+    most = parts[0].config.max_position_embeddings
+    chat, _ = session(parts, context=100000)
+    assert chat.decoder.max_len == most
+    assert capsys.readouterr().err == (f"note: --context 100000 is above the model's maximum of {most} "
+                                       f"positions; using {most}\n")
+    session(parts)  # no context given: the model's maximum (up to 4096), silently
+    assert capsys.readouterr().err == ""

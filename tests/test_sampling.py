@@ -225,6 +225,8 @@ def test_update_seen_marks_tokens_and_ignores_padding():
     dict(top_k=-1), dict(top_k=2.5),
     dict(min_p=-0.01), dict(min_p=1.5),
     dict(repetition_penalty=0.0), dict(repetition_penalty=-1.0),
+    dict(seed=-1), dict(seed=2**32), dict(seed=1.5),
+    dict(max_tokens=0), dict(max_tokens=-3), dict(max_tokens=2.5), dict(max_tokens=True),
 ])
 def test_validate_rejects_bad_values(bad):
     params = S.SamplingParams(**bad)
@@ -237,5 +239,29 @@ def test_validate_rejects_bad_values(bad):
 
 def test_validate_accepts_edges():
     for ok in [S.SamplingParams(), S.SamplingParams(temperature=2.0, top_p=1.0, top_k=1, min_p=1.0,
-                                                    repetition_penalty=0.01, seed=3)]:
+                                                    repetition_penalty=0.01, seed=3, max_tokens=1),
+               S.SamplingParams(seed=None), S.SamplingParams(seed=2**32 - 1)]:
         ok.validate()
+
+
+def test_max_tokens_message_names_the_flag_and_the_chat_setting():
+    with pytest.raises(UsageError) as err:
+        S.SamplingParams(max_tokens=0).validate()
+    assert "max_tokens must be positive, got 0" in str(err.value)
+    assert "--max-tokens" in err.value.hint and "/set max_tokens" in err.value.hint
+
+
+# -- seeds and keys -------------------------------------------------------------------------------
+
+def test_seeded_draws_a_seed_only_when_none_was_given():
+    assert S.SamplingParams(seed=5).seeded().seed == 5
+    drawn = {S.SamplingParams(seed=None).seeded().seed for _ in range(8)}
+    assert all(isinstance(s, int) and 0 <= s < S.SEED_LIMIT for s in drawn)
+    assert len(drawn) > 1  # fresh randomness each time (8 equal 32-bit draws: p = 2**-224)
+
+
+def test_reply_keys_differ_per_reply_and_replay_per_seed():
+    keys = [np.asarray(S.reply_key(7, n)).tolist() for n in range(4)]
+    assert len({tuple(k) for k in keys}) == 4                     # each reply draws afresh
+    assert np.asarray(S.reply_key(7, 2)).tolist() == keys[2]      # and replays exactly
+    assert np.asarray(S.reply_key(8, 0)).tolist() != keys[0]

@@ -12,22 +12,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moecli import env
 from moecli.model.config import ModelConfig
 from moecli.errors import QUANTIZED_HINT, CheckpointError, ResourceError
-from moecli.checkpoints.families import checkpoint_tensors
-from moecli.model.transformer import transformed
+from moecli.model.sizes import parameter_shapes, weight_bytes
+from moecli.checkpoints import compressed_tensors
+from moecli.checkpoints.families import checkpoint_tensors, read_config_json
 from moecli.checkpoints.placement import Placer
+from moecli.checkpoints.quantized import Packed, combine
 from moecli.checkpoints.safetensors import FLOAT_DTYPES, IGNORED_SUFFIXES, iter_tensors, safetensors_files
-
-def expected_params(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    """Shapes of every parameter of the model, without allocating any."""
-    model = transformed(config)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-
 
 class FreeMemory(NamedTuple):
     free: int           # bytes
@@ -68,29 +63,33 @@ def check_memory(config: ModelConfig, dtype, n_devices: int = 1) -> None:
     if free is None:
         return
     dtype = np.dtype(dtype)
-    total = config.parameter_counts()[0]
-    experts = config.expert_parameters()
+    replicated, experts = weight_bytes(config, dtype.itemsize)
     split = n_devices > 1 and free.accelerator  # CPU devices all share the host's memory
-    needed = (total - experts + -(-experts // n_devices) if split else total) * dtype.itemsize
+    needed = replicated + (-(-experts // n_devices) if split else experts)
     if needed <= free.free:
         return
     fixes = ["--dtype bfloat16 (half the memory of float32)"] if dtype.itemsize > 2 else []
     fixes += [f"--devices N (more than {n_devices}) to spread the experts over N devices"] if free.accelerator else []
     fixes += ["a smaller model" + ("" if free.accelerator else ", or free host memory")]
     who = f"each of {n_devices} devices needs" if split else "the weights need"
-    raise ResourceError(f"{who} {human_bytes(needed)} in {dtype.name} but only {human_bytes(free.free)} is free "
+    stored = config.quant.label() if config.quant else dtype.name
+    raise ResourceError(f"{who} {human_bytes(needed)} in {stored} but only {human_bytes(free.free)} is free "
                         f"{free.where}", "use " + ", or ".join(fixes) + " (MOECLI_NO_MEMORY_CHECK=1 skips this check)")
 
 
 def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> dict:
     """Read the checkpoint in `folder` into a Haiku parameter tree of `dtype` arrays, placed on
-    the default device or, with a mesh, spread over its devices (`moecli.checkpoints.placement`)."""
+    the default device or, with a mesh, spread over its devices (`moecli.checkpoints.placement`).
+    With `config.quant`, the weights it covers are quantized as they are read (or kept as a quantized
+    checkpoint has them)."""
     check_memory(config, dtype, 1 if mesh is None else mesh.devices.size)
     table = checkpoint_tensors(config)
-    shapes = expected_params(config)
-    placer = Placer(shapes, dtype, mesh)
+    shapes = parameter_shapes(config)
+    placer = Placer(shapes, dtype, mesh, config.quant)
 
-    for name, tensor in iter_tensors(safetensors_files(folder)):
+    scheme = compressed_tensors.parse_config(read_config_json(folder))
+    stream = iter_tensors(safetensors_files(folder), quantized=scheme is not None)
+    for name, tensor in stream if scheme is None else combine(stream, scheme):
         spec = table.get(name)
         if spec is None:
             if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_embeddings):
@@ -100,6 +99,10 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> di
         if tuple(tensor.shape) != spec.shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {spec.shape}",
                                   "config.json and the weights disagree; re-download the checkpoint")
+        if isinstance(tensor, Packed):   # a quantized checkpoint's matrix, already [in, out]
+            for t in spec.targets:
+                placer.put(t.module, t.param, t.expert, tensor)
+            continue
         if tensor.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}: quantized and non-float checkpoints "
                                   "are not supported", QUANTIZED_HINT)
@@ -112,14 +115,15 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> di
                 placer.expert(t.module, t.param, t.expert, part)
         del tensor
 
-    for module, group in shapes.items():
-        for param in group:
-            if not placer.done(module, param):
-                expert = placer.first_missing_expert(module, param)
-                hf_name, spec = (table_targets(table, module, param, expert)
-                                 or table_targets(table, module, param, None))[0]
-                raise CheckpointError(f"tensor {hf_name} (shape {spec.shape}) is missing from the checkpoint",
-                                      "the download is incomplete or the weights belong to another model")
+    logical = {(module, param.removesuffix("_q").removesuffix("_scale") if placer.quant else param)
+               for module, group in shapes.items() for param in group}
+    for module, param in sorted(logical):
+        if not placer.done(module, param):
+            expert = placer.first_missing_expert(module, param)
+            hf_name, spec = (table_targets(table, module, param, expert)
+                             or table_targets(table, module, param, None))[0]
+            raise CheckpointError(f"tensor {hf_name} (shape {spec.shape}) is missing from the checkpoint",
+                                  "the download is incomplete or the weights belong to another model")
     return placer.params
 
 

@@ -6,6 +6,10 @@ On one device a parameter goes to the default device as soon as it is complete. 
 [n_experts / n_devices, ...], which moves to that device once its last expert arrives and is then
 freed. So neither the host nor any device ever holds the full stack — and in a multi-process run
 each process keeps only the experts of its own devices.
+
+With `quantization` (a QuantConfig: `--quantize`, or a quantized checkpoint's), each parameter `moecli.model.quant.bits_for` names is quantized as
+it arrives — a whole tensor, or one expert's slice — and placed as its two parameters `{param}_q`
+and `{param}_scale`: host memory holds the quantized model plus the one tensor being read.
 """
 from __future__ import annotations
 
@@ -13,21 +17,51 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from moecli.model import quant
 from moecli.model.sharding import partition_spec, sharding_for
 
 
 class Placer:
-    def __init__(self, shapes: dict, dtype, mesh: Mesh | None = None):
-        self.shapes, self.dtype, self.mesh = shapes, np.dtype(dtype), mesh
+    def __init__(self, shapes: dict, dtype, mesh: Mesh | None = None, quantization=None):
+        self.shapes, self.dtype, self.mesh, self.quant = shapes, np.dtype(dtype), mesh, quantization
         self.devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
         self.params: dict[str, dict[str, jax.Array]] = {m: {} for m in shapes}
         self.filled: dict[tuple[str, str], np.ndarray] = {}       # per stacked param: experts seen
         self.buffers: dict[tuple[str, str, int], np.ndarray] = {}  # per (param, device): its experts
         self.shards: dict[tuple[str, str], dict[int, jax.Array]] = {}
 
+    def bits(self, module: str, param: str) -> int:
+        """How many bits (module, param) is stored in (0: the float dtype)."""
+        return quant.bits_for(f"{module}/{param}", self.quant) if self.quant else 0
+
+    def put(self, module: str, param: str, expert: int | None, array) -> None:
+        """A whole parameter (expert None) or one expert's slice of a stacked one."""
+        if expert is None:
+            self.whole(module, param, array)
+        else:
+            self.expert(module, param, expert, array)
+
+    def stored(self, module: str, param: str, array) -> list[tuple[str, np.ndarray, np.dtype]]:
+        """The parameters a tensor becomes, with their dtypes: a float tensor itself in the model's
+        dtype, or its quantized pair (integers, float16 scales) as `quant.quantize` makes them; a
+        quantized checkpoint's matrix (`Packed`) as it is, where it has the bits and group size
+        this parameter is kept in, else dequantized first."""
+        bits = self.bits(module, param)
+        if hasattr(array, "scale"):  # a Packed matrix (moecli.checkpoints.quantized)
+            if bits == array.bits and array.group == quant.group_size(array.shape[1], bits, self.quant.group):
+                return [(f"{param}_q", array.q, array.q.dtype), (f"{param}_scale", array.scale, np.float16)]
+            array = np.asarray(quant.dequantize(quant.QuantizedWeight(array.q, array.scale)))
+        if not bits:
+            return [(param, array, self.dtype)]
+        q, scale = quant.quantize(array, bits, self.quant.group)
+        return [(f"{param}_q", q, q.dtype), (f"{param}_scale", scale, scale.dtype)]
+
     def whole(self, module: str, param: str, array: np.ndarray) -> None:
         """A complete parameter (fused expert stacks included)."""
-        array = host_array(array, self.dtype)
+        for name, part, dtype in self.stored(module, param, array):
+            self._whole(module, name, host_array(part, dtype))
+
+    def _whole(self, module: str, param: str, array: np.ndarray) -> None:
         if self.mesh is None:
             self.params[module][param] = jax.device_put(array, self.devices[0])
         else:
@@ -36,6 +70,10 @@ class Placer:
 
     def expert(self, module: str, param: str, e: int, array: np.ndarray) -> None:
         """Expert e's slice of a stacked [n_experts, ...] parameter."""
+        for name, part, dtype in self.stored(module, param, array):
+            self._expert(module, name, e, part, dtype)
+
+    def _expert(self, module: str, param: str, e: int, array: np.ndarray, dtype) -> None:
         shape = self.shapes[module][param].shape
         split = self.mesh is not None and partition_spec(module, param) != jax.sharding.PartitionSpec()
         per_device = shape[0] // len(self.devices) if split else shape[0]
@@ -46,14 +84,14 @@ class Placer:
             return  # another process's device: that process keeps it
         key = (module, param, d)
         if key not in self.buffers:
-            self.buffers[key] = aligned_empty((per_device, *shape[1:]), self.dtype)
+            self.buffers[key] = aligned_empty((per_device, *shape[1:]), dtype)
         copy_into(self.buffers[key][e - d * per_device], array)
         if filled[d * per_device:(d + 1) * per_device].all():
             self._place(module, param, d, self.buffers.pop(key), split)
 
     def _place(self, module: str, param: str, d: int, block: np.ndarray, split: bool) -> None:
         if not split:
-            self.whole(module, param, block)
+            self._whole(module, param, block)
             return
         shards = self.shards.setdefault((module, param), {})
         shards[d] = jax.device_put(block, self.devices[d])
@@ -65,10 +103,14 @@ class Placer:
             del self.shards[(module, param)]
 
     def done(self, module: str, param: str) -> bool:
-        return param in self.params[module]
+        """Whether the float parameter `param` (quantized: both its parts) is placed."""
+        return all(name in self.params[module] for name in self.names(module, param))
+
+    def names(self, module: str, param: str) -> tuple[str, ...]:
+        return (f"{param}_q", f"{param}_scale") if self.bits(module, param) else (param,)
 
     def first_missing_expert(self, module: str, param: str) -> int:
-        filled = self.filled.get((module, param))
+        filled = self.filled.get((module, self.names(module, param)[0]))
         return 0 if filled is None else int(np.argmin(filled))
 
 

@@ -54,12 +54,19 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def check_dtypes(path: Path, header: dict) -> None:
+#: The integer codes a quantized checkpoint's tensors use (compressed-tensors: int32 packed words,
+#: int8 values and zero points, int64 shapes).
+SAFETENSORS_INTS = {"I32": np.dtype(np.int32), "I8": np.dtype(np.int8), "I64": np.dtype(np.int64)}
+
+
+def check_dtypes(path: Path, header: dict, quantized: bool = False) -> None:
     """CheckpointError naming the first tensor of a safetensors header that moecli cannot load: a quantized
-    one (int8, packed int4, float8, float4, ...) or another non-float (float64, bool)."""
+    one (int8, packed int4, float8, float4, ...) or another non-float (float64, bool). With `quantized`
+    (config.json names a format moecli reads, `moecli.checkpoints.compressed_tensors`), integers too."""
     for name, info in header.items():
         dtype = info["dtype"] if name != "__metadata__" else None
-        if dtype is None or dtype in SAFETENSORS_FLOATS or name.endswith(IGNORED_SUFFIXES):
+        if (dtype is None or dtype in SAFETENSORS_FLOATS or name.endswith(IGNORED_SUFFIXES)
+                or quantized and dtype in SAFETENSORS_INTS):
             continue
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {name} in {path.name} has an unknown dtype {dtype[:20]!r}",
@@ -71,10 +78,7 @@ def check_dtypes(path: Path, header: dict) -> None:
                               "checkpoints are not supported", QUANTIZED_HINT)
 
 
-NUMPY_DTYPES = SAFETENSORS_FLOATS
-
-
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+def iter_tensors(files: list[Path], quantized: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every float tensor of every file, one at a time, in file order.
 
     Every file's header is checked first (complete, well formed, float dtypes only), so a truncated
@@ -85,17 +89,18 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     headers = []
     for path in files:
         header, _ = check_safetensors(path)
-        check_dtypes(path, header)
+        check_dtypes(path, header, quantized)
         headers.append(header)
+    readable = {**SAFETENSORS_FLOATS, **(SAFETENSORS_INTS if quantized else {})}
 
     for path, header in zip(files, headers):
         tensors = sorted(((info["data_offsets"], name, info) for name, info in header.items()
-                          if name != "__metadata__" and info["dtype"] in NUMPY_DTYPES), key=lambda t: t[0])
+                          if name != "__metadata__" and info["dtype"] in readable), key=lambda t: t[0])
         try:
             with path.open("rb") as f:
                 start = 8 + int.from_bytes(f.read(8), "little")  # data begins after the header
                 for (begin, end), name, info in tensors:
-                    shape, dtype = info.get("shape"), NUMPY_DTYPES[info["dtype"]]
+                    shape, dtype = info.get("shape"), readable[info["dtype"]]
                     if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
                             and math.prod(shape) * dtype.itemsize == end - begin):
                         raise CheckpointError(f"{path.name} is corrupt (tensor {name}: {end - begin} bytes for shape "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from moecli.checkpoints import compressed_tensors
 from moecli.checkpoints.families import load_config, read_config_json
 from moecli.checkpoints.safetensors import INDEX, SAFETENSORS_DTYPES, check_dtypes, check_safetensors, safetensors_files
 from moecli.errors import CheckpointError
@@ -46,7 +47,7 @@ def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
     size = 0
     for path in files:
         header, _ = check_safetensors(path)
-        check_dtypes(path, header)
+        check_dtypes(path, header, quantized=compressed_tensors.parse_config(hf_config) is not None)
         size += path.stat().st_size
         names_by_file[path.name] = {k for k in header if k != "__metadata__"}
         for name, info in header.items():

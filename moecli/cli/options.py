@@ -1,11 +1,12 @@
 """Options shared by `moe generate` and `moe chat`, declared once."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from moecli.inference.sampling import SamplingParams
+if TYPE_CHECKING:
+    from moecli.inference.sampling import SamplingParams
 
 Model = typer.Option(None, "--model", "-m", help="Checkpoint folder or Hub repo id [default: the bundled model].")
 Revision = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) when --model is a repo id.")
@@ -15,10 +16,13 @@ TopP = typer.Option(0.95, "--top-p", help="Nucleus sampling: keep the smallest s
 TopK = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off).")
 MinP = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability (0: off).")
 RepetitionPenalty = typer.Option(1.0, "--repetition-penalty", help="Penalise tokens already seen (1: off).")
-Seed = typer.Option(0, "--seed", help="Random seed; the same seed and settings give the same output.")
+Seed = typer.Option(None, "--seed", help="Random seed; the same seed and settings give the same output "
+                                          "[default: a random one, shown by --verbose and /stats].")
 System = typer.Option(None, "--system", help="System prompt (chat-template models).")
 Stop = typer.Option(None, "--stop", help="Stop when this string appears (not printed); repeatable.")
 Dtype = typer.Option("auto", "--dtype", help="Weights' dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16.")
+Quantize = typer.Option(None, "--quantize", help="Quantize the weights as they load: q8 or q4 (int8 / int4 in groups "
+                        "of 32; the router, norms and embeddings stay; under q4 the LM head keeps 8 bits).")
 Devices = typer.Option(None, "--devices", help="Spread the experts over N devices [default: all accelerators; 1 on CPU].")
 Coordinator = typer.Option(None, "--coordinator", help="Multi-host: the coordinator's HOST:PORT (run the same command "
                                                        "on every host) [env: MOECLI_COORDINATOR].")
@@ -26,15 +30,19 @@ NumProcesses = typer.Option(None, "--num-processes", help="Multi-host: how many 
 ProcessId = typer.Option(None, "--process-id", help="Multi-host: this process's id, 0..N-1 [env: MOECLI_PROCESS_ID].")
 TemplateVar = typer.Option(None, "--template-var", help="KEY=VALUE passed to the chat template (repeatable), "
                                                          "e.g. user_speaker=HAMLET for the bundled model.")
-Context = typer.Option(4096, "--context", help="Context window in tokens (capped at the model's).")
+Context = typer.Option(None, "--context", help="Context window in tokens (capped at the model's maximum, "
+                                                "with a notice) [default: the model's maximum, up to 4096].")
 
 
 def sampling(temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,
-             seed: int) -> SamplingParams:
+             seed: Optional[int], max_tokens: int) -> SamplingParams:
+    """The flags as checked `SamplingParams`, with the seed drawn at random when --seed is not given."""
+    from moecli.inference.sampling import SamplingParams  # imports JAX: only when a command runs
+
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
+                            repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_tokens)
     params.validate()
-    return params
+    return params.seeded()
 
 
 def model_source(model: Optional[str]) -> str:

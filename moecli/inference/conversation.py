@@ -5,6 +5,11 @@ already holds (the longest common prefix of token ids) and prefills only the res
 the new user message, since the previous reply's tokens are already in the cache. When the
 conversation outgrows the context window the oldest turns are dropped, with a notice.
 Whatever happens during a reply — a stop, Ctrl-C, an exception — the messages so far survive.
+
+Each reply draws fresh randomness: its index in the session is folded into the seed's key
+(`sampling.reply_key`). A session started without a seed draws one at random and records it in
+its settings, so `/stats` shows it, `/save` writes it and `/load` brings it back: the same seed
+and the same messages replay the same replies.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moecli.inference.text import GenerationStats, stream_tokens_as_text
+from moecli.inference.text import GenerationStats, context_full_note, context_window, stream_tokens_as_text
 from moecli.text.chat_template import PLAIN_STOP_STRINGS, chat_template_for, encode_chat
 from moecli.inference.engine import Model
 from moecli.errors import MoecliError, UsageError
@@ -36,23 +41,34 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ChatSession:
-    def __init__(self, model: Model, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int = 256,
-                 context: int = 4096, system: str | None = None, stop: tuple[str, ...] = (),
+    """`params` hold the sampling settings and max_tokens (`max_tokens` here overrides theirs); a
+    seed of None is drawn now, once. `context` defaults to the model's maximum up to 4096 tokens;
+    more than the model's maximum is capped with a notice on stderr (`text.context_window`)."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, params: SamplingParams, max_tokens: int | None = None,
+                 context: int | None = None, system: str | None = None, stop: tuple[str, ...] = (),
                  model_id: str = "", revision: str | None = None, notify: Callable[[str], None] = print,
                  template_vars: dict | None = None):
         self.model, self.tokenizer, self.notify = model, tokenizer, notify
-        self.params, self.max_tokens = params, max_tokens
+        params = params if max_tokens is None else dataclasses.replace(params, max_tokens=max_tokens)
+        params.validate()
+        self.params = params.seeded()
+        self.replies = 0  # replies drawn in this session: the next one's index, folded into its key
         self.model_id, self.revision = model_id, revision
         self.template_vars = template_vars or {}  # extra chat-template variables
         self.system = system
         self.messages: list[dict] = []
         _, fallback = chat_template_for(tokenizer)
         self.stop = tuple(stop) + (PLAIN_STOP_STRINGS if fallback else ())
-        self.decoder = Decoder(model, max_len=min(context, model.config.max_position_embeddings))
+        self.decoder = Decoder(model, max_len=context_window(model, context))
         self.decoder.capture_routing = any(model.config.moe_layers)  # for /experts
         self.last_stats = GenerationStats()
         self.reply_span = (0, 0)          # positions of the last reply in the cache
         self.disabled: dict[int, set[int]] = {}
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
 
     # -- the conversation ------------------------------------------------------------------------
     def full_messages(self) -> list[dict]:
@@ -96,9 +112,10 @@ class ChatSession:
         pieces, self.last_stats = [], GenerationStats()
         budget = min(self.max_tokens, self.decoder.max_len - len(ids))
         message = {"role": "assistant", "content": ""}
+        index, self.replies = self.replies, self.replies + 1
         try:
             for piece in stream_tokens_as_text(self.decoder, self.tokenizer, ids[reuse:], self.params, budget,
-                                               self.stop, self.last_stats, should_stop):
+                                               self.stop, self.last_stats, should_stop, reply=index):
                 pieces.append(piece)
                 self.reply_span = (len(ids), self.decoder.pos)
                 yield piece
@@ -112,6 +129,14 @@ class ChatSession:
             message["content"] = "".join(pieces).strip()
             self.messages.append(message)
         self.last_stats.reused_tokens = reuse
+
+    def stop_notice(self) -> str | None:
+        """What to print under the last reply when it did not end by itself: "[interrupted]", or
+        that the context window is full (the next turn drops the oldest turns to make room)."""
+        if self.last_stats.stopped_by == "interrupted":
+            return "[interrupted]"
+        full = context_full_note(self.decoder, self.last_stats)
+        return full and f"{full}; the next turn drops the oldest turns (/clear starts afresh)"
 
     # -- experts ---------------------------------------------------------------------------------
     def last_reply_routing(self) -> tuple[list[int], list]:
@@ -152,23 +177,21 @@ class ChatSession:
         except ValueError:
             raise UsageError(f"{name} needs a {SETTINGS[name].__name__}, got {value!r}",
                              f"e.g. /set {name} {SETTINGS[name](1)}") from None
-        if name == "max_tokens":
-            if parsed <= 0:
-                raise UsageError(f"max_tokens must be positive, got {parsed}", "e.g. /set max_tokens 256")
-            self.max_tokens = parsed
-            return
         params = dataclasses.replace(self.params, **{name: parsed})
         params.validate()
         self.params = params
+        if name == "seed":
+            self.replies = 0  # a seed set anew replays as if the session had started with it
 
     def settings(self) -> dict:
-        return {**dataclasses.asdict(self.params), "max_tokens": self.max_tokens}
+        """Every setting, the seed included (drawn at random when none was given)."""
+        return dataclasses.asdict(self.params)
 
     # -- persistence -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path).expanduser()
         data = {"model": self.model_id, "revision": self.revision, "system": self.system,
-                "messages": self.messages, "settings": self.settings()}
+                "messages": self.messages, "settings": self.settings(), "replies": self.replies}
         try:
             path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
         except OSError as err:
@@ -188,16 +211,20 @@ class ChatSession:
                 isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
                 and isinstance(m.get("content"), str) for m in messages):
             raise UsageError(f"{path} is not a saved chat (no valid messages)", "load a file written by /save")
-        settings = data.get("settings") or {}
-        backup = (self.params, self.max_tokens)
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+        backup = (self.params, self.replies)
         try:
             for name, value in settings.items():
                 if name in SETTINGS:
                     self.set(name, str(value))
         except UsageError:
-            self.params, self.max_tokens = backup
+            self.params, self.replies = backup
             raise
+        replies = data.get("replies")  # so the next reply draws what it would have drawn before /save
+        self.replies = replies if type(replies) is int and replies >= 0 else sum(
+            m["role"] == "assistant" for m in messages)
         self.system = data.get("system") if isinstance(data.get("system"), str) else self.system
         self.messages = [m for m in messages if m["role"] != "system"]
+        self.reply_span = (0, 0)  # the loaded replies were not generated here: no routing to show
         if data.get("model") and data["model"] != self.model_id:
             self.notify(f"note: this chat was saved with model {data['model']}")

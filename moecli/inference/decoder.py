@@ -10,6 +10,8 @@ Both donate the cache, so XLA updates it in place.
 """
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 
 import jax
@@ -19,7 +21,7 @@ import numpy as np
 from moecli.inference.engine import Model
 from moecli.errors import UsageError
 from moecli.model.transformer import Cache
-from moecli.inference.sampling import SamplingParams, sample, sampler_state, update_seen
+from moecli.inference.sampling import SamplingParams, reply_key, sample, sampler_state, update_seen
 
 MIN_BUCKET = 16
 
@@ -68,17 +70,43 @@ class Decoder:
         self._jitted = {"prefill": jax.jit(prefill, donate_argnums=(3, 4)),
                         "decode": jax.jit(decode, donate_argnums=(2, 3)), "sample": jax.jit(sample)}
         self._compiled: dict[tuple, object] = {}
+        self._compiling = threading.Lock()  # `precompile` may run in another thread
         self.compile_s = 0.0  # seconds spent compiling (or fetching from the persistent cache)
 
-    def _run(self, name: str, size: int, *args):
-        """Call a jitted step, compiling ahead of time once per (step, chunk size) so compile time is
-        measured apart from run time. Sizes are few: the prompt-length buckets, and 1 for decode."""
+    def _program(self, name: str, size: int, *args):
+        """The compiled program of a step for one chunk size, compiled ahead of time on first use so
+        compile time is measured apart from run time. Sizes are few: the prompt-length buckets, and
+        1 for decode."""
         key = (name, size)
-        if key not in self._compiled:
-            start = time.perf_counter()
-            self._compiled[key] = self._jitted[name].lower(*args).compile()
-            self.compile_s += time.perf_counter() - start
-        return self._compiled[key](*args)
+        with self._compiling:
+            if key not in self._compiled:
+                start = time.perf_counter()
+                self._compiled[key] = self._jitted[name].lower(*args).compile()
+                self.compile_s += time.perf_counter() - start
+        return self._compiled[key]
+
+    def _run(self, name: str, size: int, *args):
+        return self._program(name, size, *args)(*args)
+
+    def compiled(self, name: str, size: int = 1) -> bool:
+        return (name, size) in self._compiled
+
+    def precompile(self, prompt_sizes: tuple[int, ...] = (MIN_BUCKET,)) -> None:
+        """Compile the decode step and the prefill for chunks of `prompt_sizes` tokens without running
+        them (lowering reads only the arguments' shapes, so the cache is untouched). `moe chat` runs
+        this in a background thread while the user types the first message; with JAX's persistent
+        compilation cache a later launch finds the programs on disk."""
+        settings = sampler_state(SamplingParams())
+        key = jax.random.PRNGKey(0)
+        token = jnp.zeros((self.batch,), jnp.int32)
+        self._program("decode", 1, self.model.params, token, self.cache, self.seen, self.expert_mask, settings, key)
+        logits = jnp.zeros((self.batch, self.model.config.vocab_size), jnp.float32)
+        self._program("sample", 1, logits, key, settings, self.seen)
+        for n in prompt_sizes:
+            size = bucket(n, self.max_len)
+            ids = jnp.zeros((self.batch, size), jnp.int32)
+            self._program("prefill", size, self.model.params, ids, jnp.int32(n), self.cache, self.seen,
+                          self.expert_mask)
 
     def _record(self, routing, n: int) -> None:
         """Keep the routing of the n tokens just fed (batch row 0), when capture is on."""
@@ -127,9 +155,11 @@ class Decoder:
         self._record(routing, len(ids))
         return logits
 
-    def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
-               stop_ids: tuple[int, ...] = ()):
-        """Yield up to max_new_tokens sampled token ids after `prompt`, stopping after a stop id.
+    def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int | None = None,
+               stop_ids: tuple[int, ...] = (), reply: int = 0):
+        """Yield up to max_new_tokens (default: params.max_tokens) sampled token ids after `prompt`,
+        stopping after a stop id. `reply` numbers the replies of a conversation: it is folded into
+        the seed's key (`reply_key`), so each reply draws fresh randomness yet replays exactly.
 
         Each step dispatches the next decode before reading the current token on the host (JAX runs
         asynchronously, so the round trip is hidden), and every token yielded is already in the
@@ -137,18 +167,18 @@ class Decoder:
         the first token quick: while the decode step is not compiled yet, the first token is shown
         before compiling it, and enters the cache when the consumer asks for the next one
         (`ids` and `pos` always say what the cache holds)."""
+        if max_new_tokens is not None:
+            params = dataclasses.replace(params, max_tokens=max_new_tokens)
         params.validate()
-        if max_new_tokens <= 0:
-            raise UsageError(f"max tokens must be positive, got {max_new_tokens}",
-                             "pass --max-tokens 1 or more")
+        max_new_tokens = params.max_tokens
         settings = sampler_state(params)
-        key = jax.random.PRNGKey(params.seed)
+        key = reply_key(params.seeded().seed, reply)
         logits = self.feed(prompt)
         key, sub = jax.random.split(key)
         token = self._run("sample", 1, logits, sub, settings, self.seen)
         for i in range(max_new_tokens):
             full = self.pos >= self.max_len
-            shown = i == 0 and not full and ("decode", 1) not in self._compiled
+            shown = i == 0 and not full and not self.compiled("decode")
             if shown:  # tracing and compiling the decode step takes ~0.5 s: show the token first
                 yield int(token[0])
             if not full:
@@ -168,11 +198,13 @@ class Decoder:
 
 def generate_tokens(model: Model, prompt_ids, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                    repetition_penalty: float = 1.0, seed: int = 0,
+                    repetition_penalty: float = 1.0, seed: int | None = 0,
                     stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """KV-cached generation for one prompt; returns the new token ids (greedy at temperature 0)."""
+    """KV-cached generation for one prompt; returns the new token ids (greedy at temperature 0;
+    the same seed gives the same ids, seed=None a random draw)."""
     prompt = [int(t) for t in np.asarray(prompt_ids).reshape(-1)]
-    decoder = Decoder(model, max_len=bucket(len(prompt) + max_new_tokens, 1 << 30))
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
-    return list(decoder.tokens(prompt, params, max_new_tokens, stop_ids))
+                            repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_new_tokens)
+    params.validate()
+    decoder = Decoder(model, max_len=bucket(len(prompt) + max_new_tokens, 1 << 30))
+    return list(decoder.tokens(prompt, params, stop_ids=stop_ids))

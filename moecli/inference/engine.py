@@ -17,7 +17,7 @@ import numpy as np
 
 from moecli.checkpoints.loader import load_params
 from moecli.checkpoints.families import load_config
-from moecli.model.config import ModelConfig
+from moecli.model.config import ModelConfig, QuantConfig
 from moecli.errors import UsageError
 from moecli.dtypes import FLOATS
 from moecli.kernels import registry
@@ -81,14 +81,29 @@ class Model:
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.params))
 
 
+QUANTIZE = {"q8": 8, "q4": 4}
+
+
+def quant_config(quantize: str | None) -> QuantConfig:
+    """--quantize's value as a QuantConfig: None (or "none") keeps the weights as they are."""
+    if quantize in (None, "", "none"):
+        return QuantConfig()
+    if quantize not in QUANTIZE:
+        raise UsageError(f"unknown --quantize {quantize!r}", f"choose one of: {', '.join(QUANTIZE)}")
+    return QuantConfig.preset(QUANTIZE[quantize])
+
+
 def load_model(path: str | Path, dtype: str = "auto", capacity_factor: float = 0.0,
-               devices: int | None = None) -> Model:
+               devices: int | None = None, quantize: str | None = None) -> Model:
     """Load a Hugging Face-format checkpoint folder (config.json + safetensors).
 
     devices: how many devices to spread the experts over (None: all local accelerators, all
-    devices of a multi-process run, or one CPU device); see `moecli.model.sharding`."""
+    devices of a multi-process run, or one CPU device); see `moecli.model.sharding`.
+    quantize: "q8" or "q4" quantizes the experts and dense layers as they load (`moecli.model.quant`)."""
     config = load_config(path)
     if capacity_factor:
         config = config.replace(capacity_factor=capacity_factor)
+    if quantize:
+        config = config.replace(quant=quant_config(quantize))
     mesh = make_mesh(config, devices)
     return Model(config, load_params(path, config, resolve_dtype(dtype), mesh), source=str(path), mesh=mesh)

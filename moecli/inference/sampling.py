@@ -15,8 +15,10 @@ device: the chosen token ids are the only output.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import secrets
 from dataclasses import dataclass
 
 import jax
@@ -26,38 +28,74 @@ from jax import lax
 from moecli.errors import UsageError
 
 
+def is_integer(x) -> bool:
+    """An int (NumPy's included) but not a bool: True is an int to Python, not a token count."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+SEED_LIMIT = 2**32  # JAX keeps a seed's low 32 bits: 2**32 would replay seed 0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """What the user sets, as plain Python values; the defaults mean greedy decoding."""
+    """Everything a user sets about one reply, as plain Python values, checked in one place
+    (`validate`). The defaults mean greedy decoding, deterministic, of at most 256 tokens."""
 
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0  # nucleus; 1 disables
     top_k: int = 0  # 0 disables
     min_p: float = 0.0  # 0 disables
     repetition_penalty: float = 1.0  # 1 disables
-    seed: int = 0
+    seed: int | None = 0  # None: drawn at random (see `seeded`)
+    max_tokens: int = 256  # the most tokens a reply may have
 
     def validate(self) -> None:
-        """Raise `UsageError` for a value no sampler can use (NaN and infinity included)."""
+        """Raise `UsageError` for a value no sampler can use (NaN and infinity included).
+
+        The one place these settings are checked: the CLI flags, `/set` in a chat, the Python
+        API and the decoder all call it, so a bad value reads the same wherever it comes from."""
         checks = [
             (math.isfinite(self.temperature) and self.temperature >= 0,
              f"temperature must be >= 0, got {self.temperature}", "use 0 for greedy, ~0.7 for sampling"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}", "use 1 to disable nucleus sampling"),
-            (isinstance(self.top_k, numbers.Integral) and self.top_k >= 0,
+            (is_integer(self.top_k) and self.top_k >= 0,
              f"top_k must be an integer >= 0, got {self.top_k}", "use 0 to disable top-k"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}", "use 0 to disable min-p"),
             (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0, got {self.repetition_penalty}", "use 1 to disable it, ~1.1 to discourage repeats"),
+            (self.seed is None or (is_integer(self.seed) and 0 <= self.seed < SEED_LIMIT),
+             f"seed must be an integer in [0, 2**32), got {self.seed}", "e.g. --seed 1 (or /set seed 1 in a chat)"),
+            (is_integer(self.max_tokens) and self.max_tokens > 0,
+             f"max_tokens must be positive, got {self.max_tokens}",
+             "pass --max-tokens 1 or more (in a chat: /set max_tokens 256)"),
         ]
         for ok, message, hint in checks:
             if not ok:
                 raise UsageError(message, hint)
 
+    def seeded(self) -> SamplingParams:
+        """These settings with a definite seed: a fresh random one when `seed` is None, so a run
+        that asked for no seed can still say which one it used, and be replayed with it."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=random_seed())
+
+
+def random_seed() -> int:
+    """A seed from the operating system's randomness (not from JAX, whose keys are all derived)."""
+    return secrets.randbelow(SEED_LIMIT)
+
+
+def reply_key(seed: int, reply: int = 0) -> jax.Array:
+    """The PRNG key for reply number `reply` (0, 1, 2, ...) of a conversation seeded with `seed`.
+
+    Folding the reply's index into the seed's key gives every reply fresh randomness, while the
+    whole conversation stays reproducible: the same seed and inputs give the same replies."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), reply)
+
 
 def sampler_state(params: SamplingParams) -> dict[str, jax.Array]:
     """The numeric settings as 0-d device arrays: new values never recompile a jitted step.
 
-    The seed is not here: make the PRNG key once with `jax.random.key(params.seed)` and split it.
+    The seed and max_tokens are not here: the key comes from `reply_key`, and the loop counts tokens.
     """
     params.validate()
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731

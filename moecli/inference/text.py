@@ -34,24 +34,37 @@ DEFAULT_CONTEXT = 4096
 
 @dataclasses.dataclass
 class GenerationStats:
-    """What `moe generate --verbose` and `/stats` report about one generation."""
+    """What `moe generate --verbose` and `/stats` report about one generation.
+
+    Compile time is kept apart: `prefill_s` and `decode_s` are the run time left once the
+    compiling that happened inside them is taken out (the decode step may compile after the
+    first token is shown), so the speeds below never count it."""
 
     prompt_tokens: int = 0
     reused_tokens: int = 0       # chat: prompt tokens already in the KV cache, not prefilled again
     prefill_s: float = 0.0
     generated_tokens: int = 0
     decode_s: float = 0.0
-    ttft_s: float = 0.0          # launch of the request to the first token on the host
+    ttft_s: float = 0.0          # launch of the request to the first token on the host, compile included
     compile_s: float = 0.0
     stopped_by: str = ""         # eos | stop string | max tokens | context full | interrupted
 
     @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+    def prefill_tok_s(self) -> float | None:
+        """Prompt tokens per second, or None when there was no time to measure."""
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else None
 
     @property
-    def decode_tok_s(self) -> float:
-        return (self.generated_tokens - 1) / self.decode_s if self.decode_s and self.generated_tokens > 1 else 0.0
+    def decode_tok_s(self) -> float | None:
+        """Tokens per second after the first (the first token is the prefill's), or None for a
+        reply too short to time: one token, or no measurable decode time."""
+        timed = self.generated_tokens - 1
+        return timed / self.decode_s if self.decode_s > 0 and timed > 0 else None
+
+
+def speed(tok_s: float | None) -> str:
+    """A `GenerationStats` speed for people: "12.3 tok/s", or "too short to time" (not 0.0 tok/s)."""
+    return "too short to time" if tok_s is None else f"{tok_s:.1f} tok/s"
 
 
 def peak_memory_mb() -> tuple[float, float | None]:
@@ -64,15 +77,19 @@ def peak_memory_mb() -> tuple[float, float | None]:
 
 
 def load(path_or_repo: str | Path, dtype: str = "auto", revision: str | None = None,
-         devices: int | None = None) -> tuple[Model, Tokenizer]:
+         devices: int | None = None, quantize: str | None = None) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer from a local folder or a Hub repo id (downloaded if needed);
-    `devices` spreads the experts over that many devices."""
+    `devices` spreads the experts over that many devices; `quantize` ("q8", "q4") quantizes the
+    weights as they load (`moecli.model.quant`)."""
     from moecli.hub.download import resolve_model
+    from moecli.kernels.cpu import ffi
 
     enable_compilation_cache()
     folder = resolve_model(str(path_or_repo), revision=revision)
     tokenizer = Tokenizer.from_dir(folder)  # a missing tokenizer fails fast, before the weights load
-    return load_model(folder, dtype=dtype, devices=devices), tokenizer
+    if jax.default_backend() == "cpu":  # not before: a bad --model must not wait for the compiler
+        ffi.start_building()  # a first launch compiles the kernels while the checkpoint is read
+    return load_model(folder, dtype=dtype, devices=devices, quantize=quantize), tokenizer
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_template: bool = True,
@@ -114,23 +131,26 @@ class StopStrings:
 
 
 def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
-                          max_tokens: int, stop: tuple[str, ...] = (), stats: GenerationStats | None = None,
-                          should_stop=lambda: False) -> Iterator[str]:
+                          max_tokens: int | None = None, stop: tuple[str, ...] = (),
+                          stats: GenerationStats | None = None, should_stop=lambda: False,
+                          reply: int = 0) -> Iterator[str]:
     """The decoding loop at the text level; shared by `stream_generate` and `moe chat`.
 
     `should_stop()` is polled between tokens (the chat's Ctrl-C handler sets it), so an
-    interruption never lands inside a device call and the cache stays consistent."""
+    interruption never lands inside a device call and the cache stays consistent. `reply`
+    numbers a chat's replies, for fresh randomness in each (`Decoder.tokens`)."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, compiled_before = len(ids), decoder.compile_s
     detok, stops = tokenizer.incremental_decoder(), StopStrings(stop)
     eos = tuple(tokenizer.eos_ids) or tuple(decoder.model.config.eos_token_ids)
     start = last = time.perf_counter()
+    compiled_by_first = 0.0  # compile time inside the time to first token
     stats.stopped_by = "max tokens"
-    for n, token in enumerate(decoder.tokens(ids, params, max_tokens, stop_ids=eos), start=1):
+    for n, token in enumerate(decoder.tokens(ids, params, max_tokens, stop_ids=eos, reply=reply), start=1):
         now = time.perf_counter()
         if n == 1:
-            stats.ttft_s = now - start
-            stats.prefill_s = stats.ttft_s - (decoder.compile_s - compiled_before)
+            stats.ttft_s, compiled_by_first = now - start, decoder.compile_s - compiled_before
+            stats.prefill_s = max(0.0, stats.ttft_s - compiled_by_first)
         stats.generated_tokens, last = n, now
         if token in eos:
             stats.stopped_by = "eos"
@@ -152,14 +172,44 @@ def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int]
         if tail:
             yield tail
     stats.compile_s = decoder.compile_s - compiled_before
-    stats.decode_s = max(0.0, last - start - stats.ttft_s)
+    compiled_in_decode = stats.compile_s - compiled_by_first  # e.g. the decode step, after token 1
+    stats.decode_s = max(0.0, last - start - stats.ttft_s - compiled_in_decode)
 
 
-def decoder_for(model: Model, n_prompt: int, max_tokens: int, context: int = DEFAULT_CONTEXT) -> Decoder:
-    """A decoder whose cache fits the prompt and the reply (a bucket, so lengths share programs)."""
+def note(text: str) -> None:
+    """A one-line notice on stderr, apart from the generated text on stdout."""
+    print(f"note: {text}", file=sys.stderr)
+
+
+def context_window(model: Model, context: int | None = None, notify=note) -> int:
+    """The context window to use: `context` tokens, or by default the model's maximum up to
+    DEFAULT_CONTEXT. A `context` above the model's maximum is capped, never silently: positions
+    past it were never trained (and RoPE tables may end there), so the notice says so."""
+    most = model.config.max_position_embeddings
+    if context is None:
+        return min(DEFAULT_CONTEXT, most)
     if context <= 0:
         raise UsageError(f"the context window must be positive, got {context}", "pass e.g. --context 4096")
-    limit = min(context, model.config.max_position_embeddings)
+    if context > most:
+        notify(f"--context {context} is above the model's maximum of {most} positions; using {most}")
+        return most
+    return context
+
+
+def context_full_note(decoder: Decoder, stats: GenerationStats) -> str | None:
+    """What to say under a reply that stopped because the context window filled up (else None)."""
+    if stats.stopped_by != "context full":
+        return None
+    most = decoder.model.config.max_position_embeddings
+    room = (f"pass a larger --context (the model allows {most})" if decoder.max_len < most
+            else "the model allows no more")
+    return f"the reply stopped because the context window ({decoder.max_len} tokens) is full; {room}"
+
+
+def decoder_for(model: Model, n_prompt: int, max_tokens: int, context: int | None = None,
+                notify=note) -> Decoder:
+    """A decoder whose cache fits the prompt and the reply (a bucket, so lengths share programs)."""
+    limit = context_window(model, context, notify)
     if n_prompt >= limit:
         raise UsageError(f"the prompt has {n_prompt} tokens but the context window is {limit}",
                          "shorten the prompt (moecli does not truncate it silently)")
@@ -168,18 +218,17 @@ def decoder_for(model: Model, n_prompt: int, max_tokens: int, context: int = DEF
 
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict] | list[int], *,
                     max_tokens: int = 256, stop: tuple[str, ...] = (), chat_template: bool = True,
-                    context: int = DEFAULT_CONTEXT, stats: GenerationStats | None = None,
+                    context: int | None = None, stats: GenerationStats | None = None,
                     decoder: Decoder | None = None, **sampling) -> Iterator[str]:
     """Yield the reply to `prompt` (text, chat messages or token ids) as text pieces. `sampling`:
-    temperature, top_p, top_k, min_p, repetition_penalty, seed (`moecli.inference.sampling.SamplingParams`).
+    temperature, top_p, top_k, min_p, repetition_penalty, seed (`moecli.inference.sampling.SamplingParams`;
+    seed=0 by default, so the same call gives the same text; seed=None draws one at random).
     Pass a `decoder` (from `decoder_for`) to capture routing or mask experts on it."""
-    params = SamplingParams(**sampling)
+    params = SamplingParams(max_tokens=max_tokens, **sampling)
     params.validate()
-    if max_tokens <= 0:
-        raise UsageError(f"max tokens must be positive, got {max_tokens}", "pass --max-tokens 1 or more")
     ids = prompt_ids(tokenizer, prompt, chat_template)
     decoder = decoder or decoder_for(model, len(ids), max_tokens, context)
-    yield from stream_tokens_as_text(decoder, tokenizer, ids, params, max_tokens, stop, stats)
+    yield from stream_tokens_as_text(decoder, tokenizer, ids, params, stop=stop, stats=stats)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict], **kwargs) -> str:

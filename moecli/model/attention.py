@@ -36,9 +36,9 @@ class GroupedQueryAttention(hk.Module):
         c, ops = self.c, self.ops
         batch, seq, _ = x.shape
         group = c.n_heads // c.n_kv_heads
-        q = Linear(c.n_heads * c.head_dim, ops, with_bias=c.qkv_bias, name="q_proj")(x)
-        k = Linear(c.n_kv_heads * c.head_dim, ops, with_bias=c.qkv_bias, name="k_proj")(x)
-        v = Linear(c.n_kv_heads * c.head_dim, ops, with_bias=c.qkv_bias, name="v_proj")(x)
+        q = Linear(c.n_heads * c.head_dim, ops, with_bias=c.qkv_bias, quant=c.quant, name="q_proj")(x)
+        k = Linear(c.n_kv_heads * c.head_dim, ops, with_bias=c.qkv_bias, quant=c.quant, name="k_proj")(x)
+        v = Linear(c.n_kv_heads * c.head_dim, ops, with_bias=c.qkv_bias, quant=c.quant, name="v_proj")(x)
         if c.qk_norm == "full":
             q = norm(c.norm, q.shape[-1], c.norm_eps, name="q_norm")(q)
             k = norm(c.norm, k.shape[-1], c.norm_eps, name="k_norm")(k)
@@ -65,7 +65,7 @@ class GroupedQueryAttention(hk.Module):
         out = ops.attention(q, k, v, positions, self.window)             # float32 [b, kv, g, t, d]
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, c.n_heads * c.head_dim)
         out = out.astype(x.dtype)  # a float32 cache must not turn the residual stream float32
-        return Linear(c.d_model, ops, with_bias=c.o_bias, name="o_proj")(out), cache
+        return Linear(c.d_model, ops, with_bias=c.o_bias, quant=c.quant, name="o_proj")(out), cache
 
 
 class AttentionKind(NamedTuple):

@@ -46,6 +46,40 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Which weights are stored as integers, at how many bits (0: float), in groups of `group`
+    weights along the input dimension (`moecli.model.quant`). Kinds as `moecli.model.quant.RULES`
+    names them: the routed experts, the other Linear layers of the decoder, the LM head."""
+
+    experts: int = 0
+    dense: int = 0
+    lm_head: int = 0
+    group: int = 32
+
+    @classmethod
+    def preset(cls, bits: int) -> "QuantConfig":
+        """`--quantize q{bits}`: experts and dense layers at `bits`; the LM head at 8 bits either way
+        (one matrix read once a token, where 4-bit logits cost more quality than they save)."""
+        return cls(experts=bits, dense=bits, lm_head=8 if bits else 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.experts or self.dense or self.lm_head)
+
+    def label(self) -> str:
+        """"q4", "q8", or the bits per kind when they differ ("experts q4, dense float, lm_head float")."""
+        kinds = {"experts": self.experts, "dense": self.dense, "lm_head": self.lm_head}
+        if self == QuantConfig.preset(self.experts):
+            return f"q{self.experts}"
+        return ", ".join(f"{k} {'q' + str(b) if b else 'float'}" for k, b in kinds.items())
+
+    def validate(self) -> None:
+        if any(b not in (0, 4, 8) for b in (self.experts, self.dense, self.lm_head)):
+            raise ConfigError(f"quantized weights must have 4 or 8 bits, got {self}")
+        if not (self.group >= 2 and self.group & (self.group - 1) == 0):
+            raise ConfigError(f"the quantization group size must be a power of two >= 2, got {self.group}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every hyperparameter of the MoE transformer, independent of the others."""
 
@@ -64,6 +98,7 @@ class ModelConfig:
     d_shared_expert: int = 0      # Qwen2-MoE's always-on shared expert (0 = none)
     norm_topk_prob: bool = True   # renormalise the top-k gate weights to sum to 1
     capacity_factor: float = 0.0  # 0 = dropless routing; > 0 = capacity routing
+    quant: QuantConfig = QuantConfig()  # float weights unless --quantize or a quantized checkpoint
     rope: RopeConfig = RopeConfig()
     norm_eps: float = 1e-6
     qkv_bias: bool = False
@@ -113,6 +148,7 @@ class ModelConfig:
             raise ConfigError(f"the dense layers' intermediate_size must be positive, got {self.d_ff}", DAMAGED)
         if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
             raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.norm_eps}", DAMAGED)
+        self.quant.validate()
         if not (math.isfinite(self.capacity_factor) and self.capacity_factor >= 0):
             raise ConfigError(f"capacity_factor must be >= 0, got {self.capacity_factor}")
         for name in ("sliding_window", "clip_qkv"):

@@ -27,11 +27,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moecli.model.quant import dense, take
 from moecli.model.router import Routing
 
 
 def swiglu(x, w_gate, w_up, w_down, up_spec: str, down_spec: str):
-    """The experts' SwiGLU, down(silu(x @ gate) * (x @ up)), batched over experts by einsum specs."""
+    """The experts' SwiGLU, down(silu(x @ gate) * (x @ up)), batched over experts by einsum specs.
+    Quantized weights (`moecli.model.quant`) are dequantized first: this is the reference path."""
+    w_gate, w_up, w_down = (dense(w, x.dtype) for w in (w_gate, w_up, w_down))
     hidden = jax.nn.silu(jnp.einsum(up_spec, x, w_gate)) * jnp.einsum(up_spec, x, w_up)
     return jnp.einsum(down_spec, hidden, w_down)
 
@@ -47,7 +50,8 @@ def experts_dense(x, w_gate, w_up, w_down, routing: Routing, n_experts: int):
 
 def expert_ffn(x, w_gate, w_up, w_down, e):
     """Expert e's SwiGLU on tokens x [n, d] as three plain 2-D dots, reading only its weights."""
-    return (jax.nn.silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]
+    gate, up, down = (dense(take(w, e), x.dtype) for w in (w_gate, w_up, w_down))
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
 def experts_scanned(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):

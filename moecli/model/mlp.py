@@ -12,11 +12,12 @@ class MLP(hk.Module):
     """SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer"):
     down(silu(gate(x)) * up(x)). Used for dense layers and for shared experts."""
 
-    def __init__(self, d_model: int, d_hidden: int, ops: Ops, name: str = "mlp"):
+    def __init__(self, d_model: int, d_hidden: int, ops: Ops, quant=None, name: str = "mlp"):
         super().__init__(name=name)
-        self.d_model, self.d_hidden, self.ops = d_model, d_hidden, ops
+        self.d_model, self.d_hidden, self.ops, self.quant = d_model, d_hidden, ops, quant
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = Linear(self.d_hidden, self.ops, with_bias=False, name="gate_proj")(x)
-        up = Linear(self.d_hidden, self.ops, with_bias=False, name="up_proj")(x)
-        return Linear(self.d_model, self.ops, with_bias=False, name="down_proj")(jax.nn.silu(gate) * up)
+        gate = Linear(self.d_hidden, self.ops, with_bias=False, quant=self.quant, name="gate_proj")(x)
+        up = Linear(self.d_hidden, self.ops, with_bias=False, quant=self.quant, name="up_proj")(x)
+        return Linear(self.d_model, self.ops, with_bias=False, quant=self.quant, name="down_proj")(
+            jax.nn.silu(gate) * up)

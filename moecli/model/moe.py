@@ -15,6 +15,7 @@ from moecli.model.experts import experts_capacity
 from moecli.model.linear import Linear
 from moecli.model.mlp import MLP
 from moecli.model.ops import Ops
+from moecli.model.quant import get_weight, weight_dtype
 from moecli.model.router import ROUTERS, Routing
 from moecli.model.sharding import shard_experts
 
@@ -35,9 +36,10 @@ class MoEBlock(hk.Module):
         batch, seq, d = x.shape
         router_w = hk.get_parameter("router", [d, c.n_experts], init=hk.initializers.TruncatedNormal(0.02))
         init = hk.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal")
-        w_gate = hk.get_parameter("w_gate", [c.n_experts, d, c.d_expert], init=init)  # [e, d, f]
-        w_up = hk.get_parameter("w_up", [c.n_experts, d, c.d_expert], init=init)      # [e, d, f]
-        w_down = hk.get_parameter("w_down", [c.n_experts, c.d_expert, d], init=init)  # [e, f, d]
+        # [e, d, f], [e, d, f], [e, f, d]; each a QuantizedWeight under --quantize (moecli.model.quant)
+        w_gate = get_weight("w_gate", [c.n_experts, d, c.d_expert], jnp.float32, init, c.quant)
+        w_up = get_weight("w_up", [c.n_experts, d, c.d_expert], jnp.float32, init, c.quant)
+        w_down = get_weight("w_down", [c.n_experts, c.d_expert, d], jnp.float32, init, c.quant)
 
         routing = ROUTERS[c.router](x, router_w, c, disabled)
         used = routing
@@ -51,7 +53,7 @@ class MoEBlock(hk.Module):
         if c.capacity_factor > 0:
             y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts)
         else:
-            experts = self.ops.experts(batch * seq, c.top_k, c.n_experts, w_gate.dtype)
+            experts = self.ops.experts(batch * seq, c.top_k, c.n_experts, weight_dtype(w_gate))
             if self.mesh is None:
                 y = experts(xs, w_gate, w_up, w_down, flat, c.n_experts)
             else:
@@ -59,7 +61,7 @@ class MoEBlock(hk.Module):
         y = y.reshape(batch, seq, d)
 
         if c.d_shared_expert:
-            shared = MLP(d, c.d_shared_expert, self.ops, name="shared_expert")(x)
+            shared = MLP(d, c.d_shared_expert, self.ops, c.quant, name="shared_expert")(x)
             gate = Linear(1, self.ops, with_bias=False, name="shared_expert_gate")(x)
             y = y + jax.nn.sigmoid(gate.astype(jnp.float32)).astype(x.dtype) * shared
         return y, routing

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 
 from moecli.model import experts as E
+from moecli.model.quant import dense
 
 
 def matmul_xla(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's)."""
-    return jnp.matmul(x, w, preferred_element_type=out_dtype or x.dtype)
+    """x [..., k] @ w [k, n], returned in `out_dtype` (default: x's); a quantized w is dequantized."""
+    return jnp.matmul(x, dense(w, x.dtype), preferred_element_type=out_dtype or x.dtype)
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:

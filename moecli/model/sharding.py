@@ -16,7 +16,6 @@ activations are tiny either way.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -29,7 +28,7 @@ from moecli.model.router import Routing
 AXIS = "expert"
 # (regex over "module/param", PartitionSpec): the first match wins.
 RULES: list[tuple[str, P]] = [
-    (r"/moe/(w_gate|w_up|w_down)$", P(AXIS)),   # stacked experts: split on the experts axis
+    (r"/moe/(w_gate|w_up|w_down)(_q|_scale)?$", P(AXIS)),   # stacked experts (or their quantized parts)
     (r".*", P()),                               # everything else: replicated
 ]
 
@@ -76,38 +75,12 @@ def sharding_for(mesh: Mesh, module: str, param: str) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(module, param))
 
 
-@dataclass
-class DevicePlacement:
-    device: str
-    experts: tuple[int, int]  # [first, last] expert of every MoE layer on this device
-    expert_bytes: int
-    replicated_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.expert_bytes + self.replicated_bytes
-
-
-def placement(config: ModelConfig, n_devices: int, itemsize: int,
-              device_names: list[str] | None = None) -> list[DevicePlacement]:
-    """Which experts of each MoE layer each device holds, and its parameter bytes — from the
-    config alone, without loading or running the model."""
-    total, _ = config.parameter_counts()
-    n_moe = sum(config.moe_layers)
-    expert_params = config.expert_parameters()
-    per_device = config.n_experts // n_devices if n_moe else 0
-    names = device_names or [f"device {d}" for d in range(n_devices)]
-    return [DevicePlacement(names[d], (d * per_device, (d + 1) * per_device - 1),
-                            expert_params // n_devices * itemsize, (total - expert_params) * itemsize)
-            for d in range(n_devices)]
-
-
 def shard_experts(fn, mesh: Mesh):
     """Run `fn(x, w_gate, w_up, w_down, routing, n_local_experts) -> y` on each device's experts
     and sum the partial outputs. Assignments to other devices' experts are renumbered to
     n_local_experts ("not here"), with gate weight 0, which `fn` skips."""
     def local(x, experts, weights, w_gate, w_up, w_down):
-        n_local = w_gate.shape[0]
+        n_local = jax.tree_util.tree_leaves(w_gate)[0].shape[0]  # a float stack or a QuantizedWeight's
         local_ids = experts - jax.lax.axis_index(AXIS) * n_local
         here = (local_ids >= 0) & (local_ids < n_local)
         routing = Routing(jax.numpy.where(here, local_ids, n_local), jax.numpy.where(here, weights, 0.0), None)

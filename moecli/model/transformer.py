@@ -29,6 +29,7 @@ from moecli.model.mlp import MLP
 from moecli.model.moe import MoEBlock
 from moecli.model.norms import norm
 from moecli.model.ops import XLA, Ops
+from moecli.model.quant import get_weight
 from moecli.model.router import Routing
 
 
@@ -65,7 +66,7 @@ class DecoderLayer(hk.Module):
             if keep is not None:
                 h = jax.lax.dynamic_slice_in_dim(h, keep, 1, axis=1)
             with jax.named_scope("mlp"):
-                h = MLP(c.d_model, c.d_ff, self.ops, name="mlp")(h)
+                h = MLP(c.d_model, c.d_ff, self.ops, c.quant, name="mlp")(h)
         if keep is not None:
             x = jax.lax.dynamic_slice_in_dim(x, keep, 1, axis=1)           # [batch, 1, d_model]
         return x + h, cache, routing
@@ -110,8 +111,8 @@ class Transformer(hk.Module):
         if c.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embed.embeddings, preferred_element_type=jnp.float32)
         else:
-            head = hk.get_parameter("lm_head", [c.d_model, c.vocab_size], x.dtype,
-                                    init=hk.initializers.TruncatedNormal(c.d_model ** -0.5))
+            head = get_weight("lm_head", [c.d_model, c.vocab_size], x.dtype,
+                              hk.initializers.TruncatedNormal(c.d_model ** -0.5), c.quant)
             logits = self.ops.matmul(x, head, jnp.float32)
         new_cache = None if cache is None else Cache(tuple(new_layers), start + ids.shape[1])
         return logits, new_cache, stack_routing(routings)

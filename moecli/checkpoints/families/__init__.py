@@ -32,8 +32,15 @@ def _family(model_type) -> ModuleType:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a parsed config.json (any supported model_type)."""
+    """ModelConfig from a parsed config.json (any supported model_type); a quantized checkpoint's
+    config says which weights it stores as integers (`moecli.checkpoints.quantized`)."""
+    from moecli.checkpoints import compressed_tensors
+    from moecli.checkpoints.quantized import quant_config_for
+
     config = _family(hf.get("model_type")).config_from_hf(hf)
+    scheme = compressed_tensors.parse_config(hf)
+    if scheme is not None:
+        config = config.replace(quant=quant_config_for(config, checkpoint_tensors(config), scheme))
     for kind, registry in (("attention", ATTENTION), ("router", ROUTERS), ("norm", NORMS)):
         if getattr(config, kind) not in registry:  # a family naming a part that does not exist
             raise ConfigError(f"{config.family} asks for {kind} {getattr(config, kind)!r}, which moecli lacks",

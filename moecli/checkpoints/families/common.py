@@ -140,9 +140,14 @@ def check_activation(f: Fields) -> None:
         raise ConfigError(f"hidden_act {act!r} is not supported", "moecli's experts are SwiGLU (silu)")
 
 
-def check_not_quantized(f: Fields) -> None:
-    """Quantized checkpoints (GPTQ, AWQ, bitsandbytes, FP8, ...) store packed integer or 8-bit weights plus
-    scales; moecli runs float weights only."""
+def check_quantization(f: Fields) -> None:
+    """Quantized checkpoints moecli reads pass (compressed-tensors W4A16/W8A16; see
+    `moecli.checkpoints.quantized.quant_config_for`); others (GPTQ, AWQ, bitsandbytes, FP8, ...)
+    are refused with a hint."""
+    from moecli.checkpoints import compressed_tensors
+
+    if compressed_tensors.parse_config(f.hf) is not None:  # raises for the schemes it cannot read
+        return
     quant = f.hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method") if isinstance(quant, dict) else None
@@ -162,7 +167,7 @@ def eos_ids(f: Fields) -> tuple[int, ...]:
 
 def base_fields(f: Fields) -> dict:
     """The ModelConfig fields every family reads the same way."""
-    check_not_quantized(f)
+    check_quantization(f)
     check_activation(f)
     d_model, n_heads = f.need("hidden_size"), f.need("num_attention_heads")
     n_layers = f.need("num_hidden_layers")

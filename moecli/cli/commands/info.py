@@ -28,7 +28,8 @@ def info(
     from moecli.inference.engine import resolve_dtype
     from moecli.errors import ResourceError
     from moecli.inference.routing import moe_layer_numbers
-    from moecli.model.sharding import default_devices, make_mesh, placement
+    from moecli.model.sharding import default_devices, make_mesh
+    from moecli.model.sizes import placement
 
     folder = hub.resolve_model(model, revision=revision)
     summary = hub.validate_checkpoint(folder)

@@ -25,6 +25,7 @@ from moecli.kernels.cpu import ffi
 from moecli.kernels.gradients import with_reference_gradient
 from moecli.model import experts as E
 from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla
+from moecli.model.quant import weight_dtype
 from moecli.model.router import Routing
 
 
@@ -75,7 +76,7 @@ def matmul_kernel(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     ~20x slower); a prompt as a packed matrix product (~1.2x XLA's float32 dot; bfloat16 on AMX tiles
     or AVX512-BF16 where the CPU has them)."""
     out_dtype = out_dtype or x.dtype
-    if not reads(w.dtype):
+    if not reads(weight_dtype(w)):
         return matmul_xla(x, w, out_dtype)
     kernel = ffi.matvec if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul
     reference = lambda x, w: jnp.matmul(x, w, preferred_element_type=x.dtype)  # noqa: E731
