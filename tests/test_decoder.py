@@ -181,3 +181,21 @@ def test_moe_generate_is_random_unless_seeded_and_verbose_shows_the_seed(folder)
     assert seeds[0] != seeds[1] and runs[0].stdout != runs[1].stdout
     replay = moe(*args, "--seed", seeds[0])
     assert replay.stdout == runs[0].stdout and f"seed: {seeds[0]}" in replay.stderr
+
+
+def test_precompile_in_a_background_thread_leaves_nothing_for_the_first_reply(folder):
+    """`moe chat` compiles the decode step and the first prompt buckets while the user types: the
+    first reply then compiles nothing, and its tokens are those of a decoder that compiled on demand."""
+    import threading
+
+    model = load_model(folder, dtype="float32")
+    warm, cold = Decoder(model, max_len=128), Decoder(model, max_len=128)
+    thread = threading.Thread(target=warm.precompile, args=((16, 32),))
+    thread.start()
+    thread.join()
+    assert warm.compiled("decode") and warm.compiled("prefill", 16) and warm.compiled("prefill", 32)
+    assert not warm.compiled("prefill", 64)
+    before = warm.compile_s
+    prompt, params = list(range(3, 23)), SamplingParams(max_tokens=6)   # 20 tokens: the 32 bucket
+    assert list(warm.tokens(prompt, params)) == list(cold.tokens(prompt, params))
+    assert warm.compile_s == before and cold.compile_s > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import threading
 import sys
 import traceback
 from typing import List, Optional
@@ -195,6 +196,7 @@ def show_experts(console: Console, chat, arg: str) -> None:
 def run_command(console: Console, chat, line: str, view: View) -> bool:
     """Handle a /command; returns False to leave the REPL."""
     from moecli.errors import UsageError
+    from moecli.inference.conversation import SETTINGS
 
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -212,11 +214,13 @@ def run_command(console: Console, chat, line: str, view: View) -> bool:
         setting, _, value = arg.partition(" ")
         if not value.strip():
             raise UsageError("usage: /set NAME VALUE", "e.g. /set temperature 0.5")
-        if setting == "markdown":
+        if setting == "markdown":  # how replies are shown, not a setting of the conversation
             view.markdown = on_off(setting, value.strip())
+        elif setting not in SETTINGS:
+            raise UsageError(f"unknown setting {setting!r}", f"settable: {', '.join([*SETTINGS, 'markdown'])}")
         else:
             chat.set(setting, value.strip())
-        console.print(f"[dim]{setting} = {value.strip()}[/dim]")
+        console.print(f"[dim]{escape(setting)} = {escape(value.strip())}[/dim]")
     elif name == "stats":
         console.print(stats_table(chat, view))
     elif name == "experts":
@@ -240,6 +244,26 @@ def run_command(console: Console, chat, line: str, view: View) -> bool:
     return True
 
 
+def loading_message(source: str) -> str:
+    """What the loading spinner says: a first launch on a machine also builds the CPU kernels."""
+    import jax
+
+    from moecli.kernels.cpu import ffi
+
+    if jax.default_backend() == "cpu" and not ffi.is_built():
+        return f"loading {source}; building the CPU kernels first, once per machine (~15-30 s) ..."
+    return f"loading {source} ..."
+
+
+def quietly(fn, *args) -> None:
+    """fn(*args) in a background thread whose failure must not surface there: the same work is done
+    again, in the foreground, where an error is reported properly."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 @command("chat")
 def chat(
     model: Optional[str] = opt.Model, revision: Optional[str] = opt.Revision,
@@ -247,7 +271,7 @@ def chat(
     top_k: int = opt.TopK, min_p: float = opt.MinP, repetition_penalty: float = opt.RepetitionPenalty,
     seed: Optional[int] = opt.Seed, system: Optional[str] = opt.System, stop: Optional[List[str]] = opt.Stop,
     dtype: str = opt.Dtype, context: Optional[int] = opt.Context, devices: Optional[int] = opt.Devices,
-    template_var: Optional[List[str]] = opt.TemplateVar,
+    quantize: Optional[str] = opt.Quantize, template_var: Optional[List[str]] = opt.TemplateVar,
     markdown: bool = typer.Option(True, "--markdown/--no-markdown",
                                   help="Show replies as Markdown (a newline stays a line break), or as plain text."),
 ) -> None:
@@ -262,14 +286,18 @@ def chat(
         raise UsageError(f"the context window must be positive, got --context {context}", "e.g. --context 4096")
     console = Console(highlight=False)
     source = opt.model_source(model)
-    with console.status(f"loading {source} ..."):
-        m, tokenizer = load(source, dtype=dtype, revision=revision, devices=devices)
+    with console.status(loading_message(source)):
+        m, tokenizer = load(source, dtype=dtype, revision=revision, devices=devices, quantize=quantize)
     session = ChatSession(m, tokenizer, params, context=context, system=system,
                           stop=tuple(stop or ()), model_id=source, revision=revision, template_vars=variables,
                           notify=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
     console.print(f"[bold]moe chat[/bold] · {source} · context {session.decoder.max_len} tokens · "
                   "/help for commands, Ctrl-D to leave")
     read, view = make_input(console), View(markdown=markdown)
+    # Compile while the user types the first message (a first launch's ~10 s; later launches find
+    # the programs in the persistent compilation cache). The first reply waits for it if needed.
+    warm_up = threading.Thread(target=quietly, args=(session.decoder.precompile, (32, 64)), daemon=True)
+    warm_up.start()
     while True:
         try:
             line = read()
@@ -284,6 +312,9 @@ def chat(
                 if not run_command(console, session, line.strip(), view):
                     break
                 continue
+            if warm_up.is_alive():
+                with console.status("compiling the model, once per model (later launches take ~2 s) ..."):
+                    warm_up.join()
             with Interrupt() as interrupt:
                 stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested), view.markdown)
             notice = session.stop_notice()  # [interrupted], or the context window is full

@@ -11,10 +11,13 @@ from moecli.cli.app import command
 
 @command("download")
 def download(
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. mistralai/Mixtral-8x7B-Instruct-v0.1"),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID",
+                                  help="Hub repo id, e.g. mistralai/Mixtral-8x7B-Instruct-v0.1."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit [default: main]."),
-    local_dir: Optional[str] = typer.Option(None, "--local-dir", help="Download into this folder instead of the HF cache."),
-    token: Optional[str] = typer.Option(None, "--token", help="Hub token for gated or private repos [default: $HF_TOKEN]."),
+    local_dir: Optional[str] = typer.Option(None, "--local-dir",
+                                            help="Download into this folder instead of the HF cache."),
+    token: Optional[str] = typer.Option(None, "--token",
+                                        help="Hub token for gated or private repos [default: $HF_TOKEN]."),
 ) -> None:
     """Download a checkpoint's config, safetensors weights and tokenizer (never .bin/.pt/.gguf),
     resuming an interrupted download, then validate it and print a summary."""

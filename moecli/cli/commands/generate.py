@@ -32,7 +32,7 @@ def generate(
                                                                               "[default: the last MoE layer]."),
     mask: Optional[List[str]] = typer.Option(None, "--mask", help="Switch expert off, as LAYER:EXPERT; repeatable."),
     template_var: Optional[List[str]] = opt.TemplateVar,
-    devices: Optional[int] = opt.Devices, coordinator: Optional[str] = opt.Coordinator,
+    quantize: Optional[str] = opt.Quantize, devices: Optional[int] = opt.Devices, coordinator: Optional[str] = opt.Coordinator,
     num_processes: Optional[int] = opt.NumProcesses, process_id: Optional[int] = opt.ProcessId,
 ) -> None:
     """Generate a reply to --prompt and stream it to stdout."""
@@ -48,7 +48,7 @@ def generate(
     from moecli.runtime import init_distributed
 
     init_distributed(coordinator, num_processes, process_id)
-    m, tokenizer = load(opt.model_source(model), dtype=dtype, revision=revision, devices=devices)
+    m, tokenizer = load(opt.model_source(model), dtype=dtype, revision=revision, devices=devices, quantize=quantize)
     use_template = not no_chat_template and tokenizer.chat_template is not None
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system and not use_template:
@@ -58,12 +58,17 @@ def generate(
     decoder.set_expert_mask(parse_mask(mask or [], m.config))
     decoder.capture_routing = bool(routing_json or show_routing)
     stats = GenerationStats()
+    reply = ""
     for piece in stream_generate(m, tokenizer, ids, stop=tuple(stop or ()), stats=stats,
                                  decoder=decoder, **dataclasses.asdict(params)):
+        reply += piece
         sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if reply.strip() or stats.stopped_by != "eos":
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:  # a note on stderr, not an empty line on stdout
+        note("the model ended its reply at once: a briefly trained model does this; train it longer")
     full = context_full_note(decoder, stats)
     if full:
         note(full)  # on stderr, under the reply

@@ -17,6 +17,8 @@ def info(
                                                                   "[default: as `moe generate` would]."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype for the byte counts."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision when MODEL is a repo id."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Count the bytes as `--quantize q8|q4` "
+                                                                    "would store the weights."),
 ) -> None:
     """Print the architecture and the placement map: for each device, which experts of which
     layers it holds and how many bytes of parameters."""
@@ -25,7 +27,7 @@ def info(
 
     from moecli.hub import download as hub
     from moecli.checkpoints.families import load_config
-    from moecli.inference.engine import resolve_dtype
+    from moecli.inference.engine import quant_config, resolve_dtype
     from moecli.errors import ResourceError
     from moecli.inference.routing import moe_layer_numbers
     from moecli.model.sharding import default_devices, make_mesh
@@ -36,6 +38,8 @@ def info(
     console = Console()
     console.print(hub.summary_table(summary))
     config = load_config(folder)
+    if quantize:
+        config = config.replace(quant=quant_config(quantize))
     n = default_devices(config) if devices is None else devices
     available = jax.devices()
     try:
@@ -45,7 +49,8 @@ def info(
         names = [f"device {d} (not here)" for d in range(n)]
     itemsize = np.dtype(resolve_dtype(dtype)).itemsize
     layers = moe_layer_numbers(config)
-    table = Table(title=f"placement over {n} device{'s' if n > 1 else ''} ({np.dtype(resolve_dtype(dtype)).name})")
+    stored = np.dtype(resolve_dtype(dtype)).name + (f", {config.quant.label()}" if config.quant else "")
+    table = Table(title=f"placement over {n} device{'s' if n > 1 else ''} ({stored})")
     for column in ("device", "experts", "of MoE layers", "expert bytes", "other bytes", "total"):
         table.add_column(column, justify="left" if column in ("device", "experts", "of MoE layers") else "right")
     span = f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers else "none"
