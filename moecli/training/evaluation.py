@@ -50,28 +50,97 @@ def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     return windows.reshape(n_batches, batch_size, seq_len + 1).astype(np.int32)
 
 
-def evaluate(eval_step, params, windows: np.ndarray) -> dict:
-    """Mean validation loss per token, per-layer expert fractions and drop rates."""
+def evaluate(eval_step, params, windows: np.ndarray, count=None) -> dict:
+    """Mean validation loss per token, per-layer expert fractions and drop rates.
+    `count(done, total)`, if given, is called after each batch (a progress display)."""
     total, counts, dropped = 0.0, 0.0, 0.0
-    for batch in windows:
+    for i, batch in enumerate(windows):
         loss, c, d = eval_step(params, jnp.asarray(batch))
         total, counts, dropped = total + float(loss), counts + np.asarray(c), dropped + np.asarray(d)
+        if count is not None:
+            count(i + 1, len(windows))
     n_tokens = windows.shape[0] * windows.shape[1] * (windows.shape[2] - 1)
     return {"loss": total / n_tokens, "fractions": counts / counts.sum(axis=-1, keepdims=True),
             "dropped": dropped / len(windows)}
 
 
-def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capacity, eval_dropless,
-                 elapsed, tokens_seen, step, console, max_batches: int = 48) -> dict:
-    """Validation in both routing modes on up to max_batches batches of held-out text, the
-    unigram baseline on the same tokens, the expert-utilisation table, and summary.json."""
+def final_validation(phases, config, params, windows, eval_capacity, eval_dropless) -> tuple[dict, dict]:
+    """(capacity, dropless): `evaluate` in both routing modes, each shown as a phase with a batch
+    count. This is the slow end of a run: 2 x len(windows) full forward passes (one pass when
+    training was dropless, capacity factor 0: both modes are then the same)."""
+    modes = [("dropless routing", eval_dropless)]
+    if config.capacity_factor > 0:
+        modes.insert(0, (f"capacity routing (factor {config.capacity_factor})", eval_capacity))
+    results = []
+    for mode, eval_step in modes:
+        with phases(f"final validation, {mode}") as phase:
+            result = evaluate(eval_step, params, windows, phase.count)
+            phase.detail = f"loss {result['loss']:.4f}"
+        results.append(result)
+    return results[0], results[-1]
+
+
+# ----------------------------------------------------------------------------- the report (80 columns)
+
+#: Expert columns per utilisation table: with the layer and drop columns, 8 fit in 80 columns
+#: even if every cell reads 100.0; more experts are shown as several tables of 8 (the drop
+#: column, one per layer, in the first).
+EXPERTS_PER_TABLE = 8
+
+
+def utilisation_report(fractions: np.ndarray, dropped: np.ndarray, capacity_factor: float) -> list:
+    """The expert-utilisation report, as renderables: per layer, each expert's share of the routed
+    validation tokens in percent (dropless routing; even = 100 / n_experts), and the share of
+    assignments capacity routing drops (when it drops: capacity factor > 0). Explanations are
+    lines of their own, not table titles (a title wider than its table wraps)."""
+    from rich import box
     from rich.table import Table
 
+    n_layers, n_experts = fractions.shape
+    parts: list = [f"[bold]expert load[/]: % of the routed validation tokens, dropless (even = {100 / n_experts:.1f})"]
+    for first in range(0, n_experts, EXPERTS_PER_TABLE):
+        experts = range(first, min(first + EXPERTS_PER_TABLE, n_experts))
+        with_drop = first == 0 and capacity_factor > 0
+        table = Table(title=None if len(experts) == n_experts else f"experts {experts[0]}-{experts[-1]}",
+                      box=box.MINIMAL_HEAVY_HEAD, show_edge=False)
+        for header in ("layer", *(f"e{e}" for e in experts), *(["drop"] if with_drop else [])):
+            table.add_column(header, justify="right")
+        for layer in range(n_layers):
+            cells = [f"{100 * fractions[layer, e]:.1f}" for e in experts]
+            table.add_row(str(layer), *cells, *([f"{100 * dropped[layer]:.1f}%"] if with_drop else []))
+        parts.append(table)
+    if capacity_factor > 0:
+        parts.append(f"drop: % of assignments over an expert's capacity (capacity factor {capacity_factor})")
+    return parts
+
+
+def loss_table(summary: dict):
+    """The final losses, nats per token: both routing modes, the unigram baseline, training."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.MINIMAL_HEAVY_HEAD, show_edge=False)
+    table.add_column(f"validation loss ({summary['val_tokens']:,} held-out tokens)")
+    table.add_column("nats/token", justify="right")
+    dropped = 100 * float(np.mean(summary["dropped_fraction"]))
+    table.add_row("dropless routing (as moe chat runs)", f"{summary['val_loss_dropless']:.4f}")
+    if summary["capacity_factor"] > 0:
+        table.add_row(f"capacity factor {summary['capacity_factor']} ({dropped:.1f}% dropped)",
+                      f"{summary['val_loss_capacity']:.4f}")
+    table.add_row("unigram baseline (no context)", f"{summary['unigram_loss']:.4f}")
+    if summary["train_loss"] is not None:
+        table.add_row("training loss, recent steps", f"{summary['train_loss']:.4f}")
+    return table
+
+
+def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capacity, eval_dropless,
+                 elapsed, tokens_seen, step, console, phases, max_batches: int = 48) -> dict:
+    """Validation in both routing modes on up to max_batches batches of held-out text, the
+    unigram baseline on the same tokens, the expert-utilisation and loss tables, and summary.json."""
     from moecli.training import data
 
     windows = eval_windows(valid_tokens, tc.batch_size, tc.seq_len, max_batches)
-    capacity = evaluate(eval_capacity, params, windows)
-    dropless = evaluate(eval_dropless, params, windows)
+    capacity, dropless = final_validation(phases, config, params, windows, eval_capacity, eval_dropless)
     unigram = data.unigram_loss(train_tokens, windows[..., 1:].reshape(-1), config.vocab_size)
     recent_train = []
     log_path = out / STATE_DIR / LOG_FILE
@@ -79,15 +148,6 @@ def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capac
         lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
         recent_train = [r["ce"] for r in lines if "ce" in r][-5:]   # the last 50 steps (logged every 10)
 
-    table = Table(title=f"expert utilisation: fraction of routed tokens per expert (dropless, validation; "
-                        f"even = {1 / config.n_experts:.3f})")
-    table.add_column("layer")
-    for e in range(config.n_experts):
-        table.add_column(f"e{e}", justify="right")
-    table.add_column("drop", justify="right")
-    for layer, row in enumerate(dropless["fractions"]):
-        table.add_row(str(layer), *(f"{x:.3f}" for x in row), f"{100 * capacity['dropped'][layer]:.1f}%")
-    console.print(table)
     total, active = config.parameter_counts()
     summary = {
         "step": step,
@@ -105,7 +165,7 @@ def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capac
         "active_parameters": active,
     }
     (out / STATE_DIR / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"validation loss {dropless['loss']:.4f} dropless, {capacity['loss']:.4f} with capacity factor "
-                  f"{config.capacity_factor}; unigram baseline {unigram:.4f} (nats per token)")
-    console.print(f"saved a Hugging Face checkpoint in {out} ({tc.export_dtype}); chat with it: moe chat -m {out}")
+    for part in utilisation_report(dropless["fractions"], capacity["dropped"], config.capacity_factor):
+        console.print(part, highlight=False)
+    console.print(loss_table(summary))
     return summary

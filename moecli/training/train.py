@@ -22,6 +22,10 @@ The recipe, each part explained where it is implemented:
 
 Everything runs in float32: on CPU, bfloat16 matmuls are slower, and float32 keeps the small
 gradients of the router exact. The export is cast to bfloat16 at the end.
+
+`run` shows every phase as it happens (`moecli.training.progress`): reading and tokenising the
+corpus, building the CPU kernels and compiling the steps (done ahead of time, `compiled`, so no
+step hides a compile), the steps, each validation, and the final validation and export.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moecli import env
+from moecli.checkpoints.export import save_checkpoint
 from moecli.errors import UsageError
 from moecli.kernels import registry
 from moecli.model.config import ModelConfig, RopeConfig
@@ -55,6 +61,7 @@ from moecli.training.losses import (  # noqa: F401 (re-exported)
     load_balancing_loss,
     router_z_loss,
 )
+from moecli.training.progress import Phases, step_header, step_row, training_bar
 from moecli.training.state import STATE_DIR, has_state, load_state, restore, save_state
 
 
@@ -173,45 +180,145 @@ def sample_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_
 
 # ----------------------------------------------------------------------------- data
 
-def prepare_data(tc: TrainConfig, out: Path, new_tokenizer: bool):
-    """(tokenizer, train tokens, validation tokens). The tokenizer is trained on the training
-    works only (a tokenizer fitted to the held-out text would leak it) and saved in `out`."""
+def prepare_data(tc: TrainConfig, out: Path, new_tokenizer: bool, phases):
+    """(tokenizer, train tokens, validation tokens), each stage shown as a phase. The tokenizer is
+    trained on the training works only (a tokenizer fitted to the held-out text would leak it)
+    and saved in `out`."""
     from moecli.text.tokenizer import Tokenizer
     from moecli.training import data
 
-    works = data.read_works(tc.data)
-    train_works, valid_works = data.split_works(works, tc.held_out)
-    train_texts = [data.normalise_work(k, v) for k, v in train_works.items()]
-    valid_texts = [data.normalise_work(k, v) for k, v in valid_works.items()]
+    with phases("reading the corpus") as phase:
+        train_works, valid_works = data.split_works(data.read_works(tc.data), tc.held_out)
+        train_texts = [data.normalise_work(k, v) for k, v in train_works.items()]
+        valid_texts = [data.normalise_work(k, v) for k, v in valid_works.items()]
+        megabytes = sum(map(len, train_texts + valid_texts)) / 1e6
+        phase.detail = f"{len(train_works)} works to train on, {len(valid_works)} held out, {megabytes:.1f} MB"
     if new_tokenizer or not (out / "tokenizer.model").is_file():
-        data.train_tokenizer(train_texts, out, tc.vocab_size, model_max_length=tc.seq_len)
-    tokenizer = Tokenizer.from_dir(out)
-    train_tokens, valid_tokens = data.encode(tokenizer, train_texts), data.encode(tokenizer, valid_texts)
+        with phases(f"training the tokenizer (sentencepiece BPE, {tc.vocab_size:,} tokens)"):
+            data.train_tokenizer(train_texts, out, tc.vocab_size, model_max_length=tc.seq_len)
+    with phases("tokenising") as phase:
+        tokenizer = Tokenizer.from_dir(out)
+        train_tokens, valid_tokens = data.encode(tokenizer, train_texts), data.encode(tokenizer, valid_texts)
+        phase.detail = f"{len(train_tokens):,} tokens to train on, {len(valid_tokens):,} to validate"
     if len(train_tokens) < tc.seq_len + 2:
         raise UsageError(f"the training text has only {len(train_tokens)} tokens", "use more data or a shorter --seq-len")
     return tokenizer, train_tokens, valid_tokens
 
 
+def start_kernels() -> bool:
+    """On CPU, start building the C++ kernels in the background if this machine has not built them
+    yet (~15 s, once), so the compiler runs while the corpus is read and tokenised. Returns
+    whether a build was started (then `run` shows the wait for it as a phase)."""
+    if jax.default_backend() != "cpu" or not env.switch("MOECLI_CPU_KERNELS"):
+        return False
+    from moecli.kernels.cpu import ffi
+
+    building = not ffi.is_built()
+    ffi.start_building()
+    return building
+
+
+def compiled(jitted, *args):
+    """`jitted` compiled ahead of time for `args`' shapes, so compiling is a phase of its own
+    instead of hiding inside the first step (the result runs only on arguments of those shapes)."""
+    return jitted.lower(*args).compile()
+
+
 # ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Trained:
+    """Where a run is: the parameters, the optimiser state, the step they are at, and counters."""
+
+    params: dict
+    opt_state: object
+    step: int
+    elapsed: float = 0.0          # seconds spent in training steps (not compiling or validating)
+    tokens_seen: int = 0
+
+    def save(self, out: Path, tc: TrainConfig, config: ModelConfig) -> None:
+        """The training state in out/train_state/ (what --resume reads)."""
+        save_state(out, self.step, self.params, self.opt_state, tc,
+                   {"elapsed": self.elapsed, "tokens_seen": self.tokens_seen, "model_config": dataclasses.asdict(config)})
+
+
+def train_steps(tc: TrainConfig, config: ModelConfig, at: Trained, train_step, eval_capacity, windows,
+                train_tokens: np.ndarray, out: Path, console) -> None:
+    """Steps from at.step to tc.steps under the step bar, updating `at`: a log record every 10
+    steps, validation every eval_interval (a line of the step log), a checkpoint every
+    checkpoint_interval. Ctrl-C saves the step reached and re-raises."""
+    log_path = out / STATE_DIR / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(record: dict) -> None:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        at.save(out, tc, config)
+        save_checkpoint(out, at.params, config, tc.export_dtype)
+
+    schedule, batch_tokens = learning_rate(tc), tc.batch_size * tc.seq_len
+    recent: list[float] = []            # the last training losses, for a smoothed display
+    speed_window: list[float] = []      # the last steps' seconds
+    val_text, header_shown = "-", False
+    bar = training_bar(console)
+    try:
+        with bar:
+            task = bar.add_task("train", total=tc.steps, completed=at.step, loss="-", val="-", tps="-")
+            for step in range(at.step, tc.steps):
+                t0 = time.perf_counter()
+                batch = jnp.asarray(sample_batch(train_tokens, step, tc.seed, tc.batch_size, tc.seq_len))
+                at.params, at.opt_state, metrics = train_step(at.params, at.opt_state, batch)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                dt = time.perf_counter() - t0
+                at.step, at.elapsed, at.tokens_seen = step + 1, at.elapsed + dt, at.tokens_seen + batch_tokens
+                if not math.isfinite(metrics["loss"]):
+                    raise UsageError(f"the loss became {metrics['loss']} at step {step + 1}",
+                                     "lower --lr or raise --warmup, then start again (or --resume from the last checkpoint)")
+                recent = (recent + [metrics["ce"]])[-20:]
+                speed_window = (speed_window + [dt])[-20:]
+                tps = batch_tokens * len(speed_window) / sum(speed_window)
+                done = at.step
+                if done % 10 == 0 or done == tc.steps:
+                    log({"step": done, **{k: round(v, 5) for k, v in metrics.items()},
+                         "lr": float(schedule(step)), "tokens_per_s": round(tps, 1), "elapsed": round(at.elapsed, 2)})
+                if done % tc.eval_interval == 0 or done == tc.steps:
+                    result = evaluate(eval_capacity, at.params, windows,
+                                      lambda i, n: bar.update(task, description=f"val {i}/{n}"))
+                    bar.update(task, description="train")
+                    val_text = f"{result['loss']:.3f}"
+                    log({"step": done, "val_loss": result["loss"]})
+                    if not header_shown:
+                        bar.console.print(step_header(), style="bold", highlight=False)
+                        header_shown = True
+                    bar.console.print(step_row(done, np.mean(recent), result["loss"], metrics["aux"], metrics["z"],
+                                               metrics["dropped"], tps, at.elapsed / 60), highlight=False)
+                if done % tc.checkpoint_interval == 0 and done != tc.steps:
+                    checkpoint()
+                bar.update(task, completed=done, loss=f"{np.mean(recent):.3f}", val=val_text, tps=f"{tps:,.0f}")
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the work done so far. (If the interrupt hit while the step was running, its
+        # donated inputs are gone and the last periodic checkpoint stands.)
+        try:
+            checkpoint()
+            console.print(f"[yellow]interrupted: saved step {at.step} in {out / STATE_DIR}; "
+                          f"continue with: moe train --out {out} --resume")
+        except (RuntimeError, ValueError):
+            console.print("[yellow]interrupted: kept the last periodic checkpoint")
+        raise
+
 
 def run(tc: TrainConfig | None, out: str | Path, resume: bool = False, overrides: dict | None = None,
         console=None) -> dict:
     """Train `tc` into `out`, or (resume=True, tc None) continue the run saved in `out` with its saved
     settings, `overrides` changing those TrainConfig marks resumable (e.g. a later `steps`).
-    Returns the summary written to train_state/summary.json."""
+    Every phase is shown on `console` (`moecli.training.progress`). Returns the summary written
+    to train_state/summary.json."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from moecli.checkpoints.export import save_checkpoint
 
     console = console or Console()
+    phases = Phases(console)
     out = Path(out)
     state = None
     if resume:
@@ -221,102 +328,52 @@ def run(tc: TrainConfig | None, out: str | Path, resume: bool = False, overrides
         raise UsageError(f"{out} already holds a training run", "pass --resume to continue it, or choose another --out")
     tc.validate()
     out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer, train_tokens, valid_tokens = prepare_data(tc, out, new_tokenizer=not resume)
-    config = model_config(tc, vocab_size=max(tc.vocab_size, tokenizer.vocab_size))
-    dropless = config.replace(capacity_factor=0.0)
-    optimizer = make_optimizer(tc)
-    if state is not None:
-        params, opt_state = restore(state, optimizer)
-        start, elapsed, tokens_seen = state.step, state.extra.get("elapsed", 0.0), state.extra.get("tokens_seen", 0)
-        if start >= tc.steps:
-            console.print(f"[yellow]{out} is already trained to step {start} (--steps {tc.steps}); nothing to do")
-    else:
-        params = init_params(config, tc.seed)
-        opt_state = optimizer.init(params)
-        start, elapsed, tokens_seen = 0, 0.0, 0
-    total, active = config.parameter_counts()
-    console.print(f"[bold]moe train[/] {out}: {tc.n_layers} layers, d_model {tc.d_model}, {tc.n_experts} experts "
-                  f"top-{tc.top_k}, {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active per token)")
-    console.print(f"data: {len(train_tokens):,} training tokens, {len(valid_tokens):,} validation tokens "
-                  f"(held out: {', '.join(tc.held_out)}); vocab {config.vocab_size}")
+    building_kernels = start_kernels()
+    console.print(f"[bold]moe train[/]: {tc.n_layers} layers, d_model {tc.d_model}, {tc.n_experts} experts "
+                  f"top-{tc.top_k}, float32 on {jax.default_backend()}, into {out}")
     if resume:
-        console.print(f"resuming from step {start}")
+        console.print(f"resuming from step {state.step}")
 
-    train_step = make_train_step(config, tc, optimizer)
+    tokenizer, train_tokens, valid_tokens = prepare_data(tc, out, not resume, phases)
+    config = model_config(tc, vocab_size=max(tc.vocab_size, tokenizer.vocab_size))
+    optimizer = make_optimizer(tc)
+    total, active = config.parameter_counts()
+    with phases(f"restoring step {state.step}" if state else
+                f"initialising {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active per token)"):
+        if state is not None:
+            at = Trained(*restore(state, optimizer), state.step, state.extra.get("elapsed", 0.0),
+                         state.extra.get("tokens_seen", 0))
+        else:
+            params = init_params(config, tc.seed)
+            at = Trained(params, optimizer.init(params), 0)
+    if building_kernels:
+        with phases("building the CPU kernels (once per machine)"):
+            registry.select()
+
     batch_tokens = tc.batch_size * tc.seq_len
-    eval_capacity = make_eval_step(config, batch_tokens)
-    eval_dropless = make_eval_step(dropless, batch_tokens)
     windows = eval_windows(valid_tokens, tc.batch_size, tc.seq_len, tc.eval_batches)
-    log_path = out / STATE_DIR / LOG_FILE
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    example = jnp.asarray(windows[0])  # [batch_size, seq_len + 1], the shape of every batch
+    if at.step < tc.steps:
+        with phases("compiling the training step (once)"):
+            train_step = compiled(make_train_step(config, tc, optimizer), at.params, at.opt_state, example)
+    else:
+        train_step = None
+        console.print(f"[yellow]{out} is already trained to step {at.step} (--steps {tc.steps}); nothing to train")
+    with phases("compiling the validation step (once per routing mode)"):
+        eval_capacity = compiled(make_eval_step(config, batch_tokens), at.params, example)
+        eval_dropless = compiled(make_eval_step(config.replace(capacity_factor=0.0), batch_tokens), at.params, example)
 
-    def log(record: dict) -> None:
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def checkpoint(step: int) -> None:
-        save_state(out, step, params, opt_state, tc, {"elapsed": elapsed, "tokens_seen": tokens_seen,
-                                                       "model_config": dataclasses.asdict(config)})
-        save_checkpoint(out, params, config, tc.export_dtype)
-
-    schedule = learning_rate(tc)
-    recent: list[float] = []            # the last training losses, for a smoothed display
-    speed_window: list[tuple[float, int]] = []
-    val_text = "-"
-    progress = Progress(
-        TextColumn("[bold blue]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
-        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False)
-    completed = start  # the step the parameters are at
+    train_steps(tc, config, at, train_step, eval_capacity, windows, train_tokens, out, console)
+    with phases(f"saving the training state (step {at.step})"):
+        at.save(out, tc, config)
     try:
-        with progress:
-            task = progress.add_task("train", total=tc.steps, completed=start, loss="-", val="-", tps="-")
-            for step in range(start, tc.steps):
-                t0 = time.perf_counter()
-                batch = jnp.asarray(sample_batch(train_tokens, step, tc.seed, tc.batch_size, tc.seq_len))
-                params, opt_state, metrics = train_step(params, opt_state, batch)
-                completed = step + 1
-                metrics = {k: float(v) for k, v in metrics.items()}
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                tokens_seen += batch_tokens
-                if not math.isfinite(metrics["loss"]):
-                    raise UsageError(f"the loss became {metrics['loss']} at step {step + 1}",
-                                     "lower --lr or raise --warmup, then start again (or --resume from the last checkpoint)")
-                recent = (recent + [metrics["ce"]])[-20:]
-                if step > start:  # the first step of a session includes compiling
-                    speed_window = (speed_window + [(dt, batch_tokens)])[-20:]
-                tps = (sum(n for _, n in speed_window) / sum(t for t, _ in speed_window)) if speed_window else 0.0
-                done = step + 1
-                if done % 10 == 0 or done == tc.steps:
-                    log({"step": done, **{k: round(v, 5) for k, v in metrics.items()},
-                         "lr": float(schedule(step)), "tokens_per_s": round(tps, 1), "elapsed": round(elapsed, 2)})
-                if done % tc.eval_interval == 0 or done == tc.steps:
-                    result = evaluate(eval_capacity, params, windows)
-                    val_text = f"{result['loss']:.3f}"
-                    log({"step": done, "val_loss": result["loss"]})
-                    progress.console.print(
-                        f"step {done:>6}  train {np.mean(recent):.4f}  val {result['loss']:.4f}  "
-                        f"aux {metrics['aux']:.3f}  z {metrics['z']:.2f}  dropped {100 * metrics['dropped']:.1f}%  "
-                        f"{tps:,.0f} tok/s  {elapsed / 60:.1f} min")
-                if done % tc.checkpoint_interval == 0 and done != tc.steps:
-                    checkpoint(done)
-                progress.update(task, completed=done, loss=f"{np.mean(recent):.3f}", val=val_text, tps=f"{tps:,.0f}")
+        summary = final_report(tc, config, at.params, out, train_tokens, valid_tokens, eval_capacity, eval_dropless,
+                               at.elapsed, at.tokens_seen, max(at.step, tc.steps), console, phases)
     except KeyboardInterrupt:
-        # Ctrl-C: keep the work done so far. (If the interrupt hit while the step was running, its
-        # donated inputs are gone and the last periodic checkpoint stands.)
-        try:
-            checkpoint(completed)
-            console.print(f"[yellow]interrupted: saved step {completed} in {out / STATE_DIR}; "
-                          f"continue with: moe train --out {out} --resume")
-        except (RuntimeError, ValueError):
-            console.print("[yellow]interrupted: kept the last periodic checkpoint")
+        console.print(f"[yellow]interrupted: step {at.step} is saved; moe train --out {out} --resume runs the "
+                      "final validation and the export")
         raise
-
-    final_step = max(start, tc.steps)
-    checkpoint(final_step)
-    summary = final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capacity, eval_dropless,
-                           elapsed, tokens_seen, final_step, console)
+    with phases(f"writing model.safetensors ({tc.export_dtype}) and config.json"):
+        save_checkpoint(out, at.params, config, tc.export_dtype)
+    console.print(f"{out} holds a Hugging Face checkpoint (weights, config, tokenizer); chat with it: moe chat -m {out}")
     return summary

@@ -48,13 +48,17 @@ def settings(ctx: typer.Context, values: dict) -> tuple[dict, dict]:
 
 def train(ctx: typer.Context, out: Path, resume: bool, **values) -> None:
     """Train a Mixtral-style MoE language model from scratch (float32, CPU or accelerator)."""
-    from moecli.training.train import run
+    from rich.console import Console
+
+    console = Console()
+    with console.status("starting: importing JAX"):  # a few seconds, before the first phase's line
+        from moecli.training.train import run
 
     every, given = settings(ctx, values)
     if resume:
-        run(None, out, resume=True, overrides=given)
+        run(None, out, resume=True, overrides=given, console=console)
     else:
-        run(TrainConfig(**every), out)
+        run(TrainConfig(**every), out, console=console)
 
 
 train.__signature__ = inspect.Signature([
