@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from safetensors.numpy import save_file
 from moecli.checkpoints import compressed_tensors as ct
 from moecli.checkpoints.families import checkpoint_tensors, load_config, read_config_json
 from moecli.checkpoints.safetensors import iter_tensors, safetensors_files
+from moecli.dtypes import FLOATS
 from moecli.errors import UsageError
 from moecli.hub.download import INFERENCE_FILES
 from moecli.model import quant
@@ -31,17 +33,13 @@ SHARD_BYTES = 2 * 2**30  # output shards of at most ~2 GiB, listed in model.safe
 def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group: int = quant.GROUP) -> Path:
     """Write `src` (a float checkpoint folder) as a compressed-tensors checkpoint of `bits` into `dst`."""
     src, dst = Path(src), Path(dst)
-    if bits not in (4, 8):
-        raise UsageError(f"--bits must be 4 or 8, got {bits}", "pass --bits 4 (W4A16) or --bits 8 (W8A16)")
-    if dst.exists() and any(dst.iterdir()):
-        raise UsageError(f"{dst} exists and is not empty", "choose a new --out folder")
+    check_target(dst, bits)
     hf = read_config_json(src)
     if hf.get("quantization_config"):
         raise UsageError(f"{src} is quantized already", "quantize a float16/bfloat16/float32 checkpoint")
     config = load_config(src)
     table = checkpoint_tensors(config)
-    scheme = ct.Scheme(bits=bits, group_size=group, scale_dtype="bfloat16" if hf.get("torch_dtype", hf.get(
-        "dtype")) == "bfloat16" else "float16")
+    scheme = ct.Scheme(bits=bits, group_size=group)
     shards, current, size, ignore = [], {}, 0, []
     for name, tensor in iter_tensors(safetensors_files(src)):
         prefix = name.removesuffix(".weight")
@@ -49,10 +47,9 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group: int 
         target = spec.targets[0] if spec and len(spec.targets) == 1 else None
         covered = (target is not None and tensor.ndim == 2 and name.endswith(".weight") and target.transpose
                    and quant.bits_for(f"{target.module}/{target.param}", QuantConfig.preset(bits)) == bits
-                   and tensor.shape[1] % min(group, tensor.shape[1]) == 0)
+                   and tensor.shape[1] % group == 0)
         if covered:
-            values, scales, zero = ct.quantize(tensor, bits, min(group, tensor.shape[1]))
-            parts = {f"{prefix}.{suffix}": array for suffix, array in ct.encode(values, scales, zero, scheme).items()}
+            parts = {f"{prefix}.{suffix}": array for suffix, array in _quantized(tensor, scheme).items()}
         else:
             parts = {name: tensor}
             if tensor.ndim == 2 and name.endswith(".weight") and "embed_tokens" not in name:
@@ -72,6 +69,25 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group: int 
                 "config.json", "model.safetensors.index.json") and _wanted(path.name):
             shutil.copy2(path, dst / path.name)
     return dst
+
+
+def check_target(dst: Path, bits: int) -> None:
+    """The UsageErrors of the arguments alone (bits, a non-empty `dst`), before a source is read or downloaded."""
+    if bits not in (4, 8):
+        raise UsageError(f"--bits must be 4 or 8, got {bits}", "pass --bits 4 (W4A16) or --bits 8 (W8A16)")
+    if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
+        raise UsageError(f"{dst} exists and is not an empty folder", "choose a new --out folder")
+
+
+def _quantized(w: np.ndarray, scheme: ct.Scheme) -> dict[str, np.ndarray]:
+    """One Linear's stored tensors, by suffix. Scales are stored in w's own dtype, as the library
+    does: transformers dequantizes fused MoE experts in the scales' dtype, so float16 scales would
+    make a float32 model's experts float16. A float32 w is quantized as the library quantizes a
+    float16 model, so every scale is a float16 value and moecli's float16 scales hold it exactly."""
+    values, scales, zero = ct.quantize(w.astype(np.float16) if w.dtype == np.float32 else w,
+                                       scheme.bits, scheme.group_size, scheme.symmetric)
+    name = next(name for name, dtype in FLOATS.items() if dtype == w.dtype)
+    return ct.encode(values, scales, zero, replace(scheme, scale_dtype=name))
 
 
 def _wanted(name: str) -> bool:

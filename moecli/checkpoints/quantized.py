@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 from moecli.checkpoints import compressed_tensors as ct
+from moecli.checkpoints.safetensors import check_safetensors, safetensors_files
+from moecli.errors import CheckpointError
 from moecli.model import quant
 from moecli.model.config import QuantConfig
 
@@ -43,21 +45,38 @@ class Packed(NamedTuple):
         return self.shape[1] // self.scale.shape[-2]
 
 
-def quant_config_for(config, table, scheme: ct.Scheme) -> QuantConfig:
+def quant_config_for(config, table, scheme: ct.Scheme, folder=None) -> QuantConfig:
     """The QuantConfig of a checkpoint quantized with `scheme`: each kind of weight (experts, dense,
     LM head) at the scheme's bits if the checkpoint quantizes its Linears, else float, so moecli
     computes what the checkpoint holds. Groups stay the checkpoint's where moecli's layout takes
-    them (symmetric, a power of two), else 32 (those weights are dequantized and quantized again)."""
+    them (symmetric, a power of two), else 32 (those weights are dequantized and quantized again).
+
+    Which Linears are quantized: with the checkpoint's `folder`, those whose scales it stores. The
+    names alone (`ct.is_quantized`) can say otherwise: the library matches its targets against the
+    modules in memory, and transformers 5 holds an MoE's experts as fused parameters, not Linears,
+    so the library leaves them float though "Linear" matches their names in the checkpoint."""
+    stored = stored_names(folder) if folder is not None else None
     kinds: dict[str, bool] = {}
     for name, spec in table.items():
         target = spec.targets[0]
         if name.endswith(".weight") and len(spec.shape) == 2 and target.transpose and len(spec.targets) == 1:
+            prefix = name.removesuffix(".weight")
+            quantized = f"{prefix}.weight_scale" in stored if stored is not None else ct.is_quantized(prefix, scheme)
             for pattern, kind in quant.RULES:
                 if re.search(pattern, f"{target.module}/{target.param}"):
-                    kinds[kind] = kinds.get(kind, False) or ct.is_quantized(name.removesuffix(".weight"), scheme)
+                    kinds[kind] = kinds.get(kind, False) or quantized
     direct = scheme.symmetric and scheme.group_size and scheme.group_size & (scheme.group_size - 1) == 0
     return QuantConfig(**{kind: scheme.bits if kinds.get(kind) else 0 for kind in ("experts", "dense", "lm_head")},
                        group=scheme.group_size if direct else quant.GROUP)
+
+
+def stored_names(folder) -> set[str] | None:
+    """The names of the tensors in the checkpoint `folder`, from its files' headers; None where they
+    cannot be read (no weights yet, a truncated file: the loader says so when it gets there)."""
+    try:
+        return {name for path in safetensors_files(folder) for name in check_safetensors(path)[0]}
+    except CheckpointError:
+        return None
 
 
 def _needed(scheme: ct.Scheme) -> set[str]:

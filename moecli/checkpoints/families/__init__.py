@@ -31,16 +31,17 @@ def _family(model_type) -> ModuleType:
     return FAMILIES[model_type]
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def config_from_hf(hf: dict, folder: str | Path | None = None) -> ModelConfig:
     """ModelConfig from a parsed config.json (any supported model_type); a quantized checkpoint's
-    config says which weights it stores as integers (`moecli.checkpoints.quantized`)."""
+    config (and, given its `folder`, its tensors) says which weights it stores as integers
+    (`moecli.checkpoints.quantized`)."""
     from moecli.checkpoints import compressed_tensors
     from moecli.checkpoints.quantized import quant_config_for
 
     config = _family(hf.get("model_type")).config_from_hf(hf)
     scheme = compressed_tensors.parse_config(hf)
     if scheme is not None:
-        config = config.replace(quant=quant_config_for(config, checkpoint_tensors(config), scheme))
+        config = config.replace(quant=quant_config_for(config, checkpoint_tensors(config), scheme, folder))
     for kind, registry in (("attention", ATTENTION), ("router", ROUTERS), ("norm", NORMS)):
         if getattr(config, kind) not in registry:  # a family naming a part that does not exist
             raise ConfigError(f"{config.family} asks for {kind} {getattr(config, kind)!r}, which moecli lacks",
@@ -79,4 +80,4 @@ def load_config(checkpoint: str | Path) -> ModelConfig:
     if not isinstance(data.get("model_type"), str):
         raise ConfigError(f"config.json in {checkpoint} names no model_type",
                           f"moecli runs transformers checkpoints of these types: {', '.join(FAMILIES)}")
-    return config_from_hf(data)
+    return config_from_hf(data, checkpoint)
