@@ -15,7 +15,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from hf_models import build, save
-from moecli import generate_tokens, load_model
+from moecli import Model, generate_tokens, load_model
+from moecli.model.ops import XLA
 from moecli.model import quant
 from moecli.model.config import QuantConfig
 from moecli.model.sizes import weight_bytes
@@ -92,14 +93,31 @@ def dequantized_copy(folder: Path, out: Path, bits: int) -> Path:
 
 @pytest.mark.parametrize("quantize,bits", [("q8", 8), ("q4", 4)])
 def test_a_quantized_model_equals_the_float_model_of_its_dequantized_weights(checkpoint, tmp_path, quantize, bits):
-    model = load_model(checkpoint, dtype="float32", quantize=quantize)
-    reference = load_model(dequantized_copy(checkpoint, tmp_path / "dq", bits), dtype="float32")
+    """Both on plain XLA (the reference path: dequantize, then multiply), so the comparison is exact."""
+    loaded = load_model(checkpoint, dtype="float32", quantize=quantize)
+    model = Model(loaded.config, loaded.params, ops=XLA)
+    dequantized = load_model(dequantized_copy(checkpoint, tmp_path / "dq", bits), dtype="float32")
+    reference = Model(dequantized.config, dequantized.params, ops=XLA)
     got, want = np.asarray(model([PROMPT])), np.asarray(reference([PROMPT]))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert generate_tokens(model, PROMPT, 12) == generate_tokens(reference, PROMPT, 12)   # the cached decode too
     experts = model.params["transformer/layer_0/moe"]
     assert experts["w_gate_q"].dtype == (jnp.int8 if bits == 8 else jnp.uint8)
     assert "w_gate" not in experts and experts["router"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("quantize", ["q8", "q4"])
+def test_the_cpu_kernels_compute_what_the_reference_computes(checkpoint, quantize):
+    """On this machine's backend (the C++ kernels on CPU): one token (the decode kernels, float32
+    throughout) to float rounding; a prompt (the prompt engine, which may round activations to
+    bfloat16 on AMX / AVX512-BF16 CPUs, as for bfloat16 weights) to bfloat16 rounding."""
+    model = load_model(checkpoint, dtype="float32", quantize=quantize)
+    reference = Model(model.config, model.params, ops=XLA)
+    one = [[PROMPT[0]], [PROMPT[1]]]
+    got, want = np.asarray(model(one)), np.asarray(reference(one))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    got, want = np.asarray(model([PROMPT])), np.asarray(reference([PROMPT]))
+    assert np.abs(got - want).max() / np.abs(want).max() < 3e-2
 
 
 @pytest.mark.parametrize("quantize,bits_per_weight", [("q8", 8.5), ("q4", 4.5)])

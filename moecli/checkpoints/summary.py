@@ -68,7 +68,16 @@ def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
     return CheckpointSummary(
         folder=folder, architecture=arch, layers=config.n_layers, experts=config.n_experts,
         top_k=config.top_k, total_params=total, active_params=active,
-        dtype=SAFETENSORS_DTYPES.get(dtype, dtype.lower()), size_bytes=size, shards=len(files))
+        dtype=stored_as(hf_config, SAFETENSORS_DTYPES.get(dtype, dtype.lower())), size_bytes=size, shards=len(files))
+
+
+def stored_as(hf_config: dict, dtype: str) -> str:
+    """How the weights are stored: a float dtype, or a quantized checkpoint's scheme."""
+    scheme = compressed_tensors.parse_config(hf_config)
+    if scheme is None:
+        return dtype
+    group = f"groups of {scheme.group_size}" if scheme.group_size else "per channel"
+    return f"int{scheme.bits} (compressed-tensors W{scheme.bits}A16, {group})"
 
 
 def summary_table(summary: CheckpointSummary) -> Table:

@@ -48,7 +48,9 @@ class Model:
     def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None, ops: Ops | None = None):
         self.config, self.params, self.source, self.mesh = config, params, source, mesh
         self.ops = ops = ops or registry.select()
-        self.dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        # The weights' float dtype, read off the embeddings: with quantized weights most leaves are
+        # integers or float16 scales, and the first leaf may be one of them.
+        self.dtype = params["transformer/embed"]["embeddings"].dtype
         # apply(params, ids, cache=None, expert_mask=None) -> (logits, cache, routing): to compose
         self.apply = apply = transformed(config, mesh, ops).apply
         self._forward = jax.jit(lambda p, ids: apply(p, ids)[::2])

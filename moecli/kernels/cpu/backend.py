@@ -11,8 +11,8 @@ What XLA:CPU needs that other backends do not, kept here rather than in the mode
 - one decoding token's attention as a broadcast multiply and a sum, which XLA fuses into one pass
   over the cache (as a dot, it copied the cache into another layout every step).
 With the kernels (`moecli.kernels.cpu.ffi`; MOECLI_CPU_KERNELS=0 turns them off), matrix products,
-attention and the experts run in C++ for float32 and bfloat16 weights; float16 weights, which the
-kernels do not read, take the XLA paths. Gradients always go through the pure-JAX references.
+attention and the experts run in C++ for float32, bfloat16 and quantized (q8/q4) weights; float16
+weights, which the kernels do not read, take the XLA paths. Gradients always go through the pure-JAX references.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from moecli.kernels.cpu import ffi
 from moecli.kernels.gradients import with_reference_gradient
 from moecli.model import experts as E
 from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla
-from moecli.model.quant import weight_dtype
+from moecli.model.quant import QuantizedWeight, weight_dtype
 from moecli.model.router import Routing
 
 
@@ -76,6 +76,9 @@ def matmul_kernel(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     ~20x slower); a prompt as a packed matrix product (~1.2x XLA's float32 dot; bfloat16 on AMX tiles
     or AVX512-BF16 where the CPU has them)."""
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, QuantizedWeight):  # integers unpacked in registers; inference only (no gradient)
+        kernel = ffi.matvec_q if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul_q
+        return kernel(x, w.q, w.scale).astype(out_dtype)
     if not reads(weight_dtype(w)):
         return matmul_xla(x, w, out_dtype)
     kernel = ffi.matvec if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul
@@ -96,7 +99,18 @@ def experts_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, el
     return kernel(x, routing.experts, routing.weights, w_gate, w_up, w_down)
 
 
+def experts_kernel_q(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
+    """Dropless experts in C++ on quantized weights (`moecli.model.quant`): each packed byte read
+    once, unpacked and scaled in registers when decoding; dequantized while packing for a prompt's
+    grouped product. Inference only: training never sees quantized weights."""
+    y = ffi.experts_q(x, routing.experts, routing.weights, w_gate.q, w_gate.scale, w_up.q, w_up.scale,
+                      w_down.q, w_down.scale)
+    return y.astype(x.dtype)
+
+
 def pick_experts(tokens: int, top_k: int, n_experts: int, dtype):
+    if jnp.dtype(dtype) in (jnp.int8, jnp.uint8):   # a QuantizedWeight's integers
+        return experts_kernel_q
     return experts_kernel if reads(dtype) else experts_xla(tokens, top_k, n_experts, dtype)
 
 
