@@ -32,6 +32,8 @@ VARIABLES = {v.name: v for v in (
     Variable("MOECLI_CPU_KERNELS", "switch", "on", "the C++ CPU kernels; off runs plain XLA on CPU"),
     Variable("MOECLI_CPU_BF16", "text", "the best the CPU has",
              "caps the engine for bfloat16 prompts on CPU: amx, dpbf16 or float32"),
+    Variable("MOECLI_CPU_ISA", "text", "native",
+             "what the CPU kernels are compiled for: native (this CPU) or avx2 (any x86 with AVX2, FMA and F16C)"),
     Variable("MOECLI_GPU_KERNELS", "switch", "off",
              "the Pallas GPU expert kernels (opt-in until bench/gpu.sh has measured them)"),
     Variable("MOECLI_NO_COMPILE_CACHE", "switch", "off", "leave JAX's persistent compilation cache off"),

@@ -18,10 +18,23 @@ decides where each kernel runs. One more, the loader's
 transpose (csrc/transpose.cc, `transpose_into`), is a plain C function called through ctypes.
 Numbers in BENCHMARKS.md.
 
+Quantized weights (`--quantize q8|q4`: int8, or int4 packed two a byte, with a float16 scale per
+group of rows; the layout in csrc/quant_unpack.h) have their own kernels, `matvec_q`, `matmul_q`
+and `experts_q`: decoding reads the packed bytes in place and scales each group's sums in
+registers (csrc/quant_matvec.h); prompts dequantize while packing the matrix engine's panels
+(csrc/quant_pack.h), so they run on the same float32 / AVX512-BF16 / AMX engine as bfloat16.
+
 The shared library is built with the system C++ compiler ($CXX, else g++ or c++) into moecli's
-cache folder the first time it is needed (~15 s), keyed by the sources, the jaxlib version and the
-CPU. No compiler, a failed build or MOECLI_CPU_KERNELS=0: moecli runs the pure-JAX paths instead
-(`status()` says why), slower but the same numbers up to float32 rounding.
+cache folder the first time it is needed (~15 s), keyed by the sources, the jaxlib version, the CPU
+and the flags. No compiler, a failed build or MOECLI_CPU_KERNELS=0: moecli runs the pure-JAX paths
+instead (`status()` says why), slower but the same numbers up to float32 rounding.
+
+What it is compiled for is chosen per process by MOECLI_CPU_ISA (`ISAS`): `native` (the default,
+-march=native: AVX-512, AVX512-BF16 and AMX where this CPU has them) or `avx2` (-march=haswell:
+AVX2, FMA and F16C only, as on an AVX2-only AMD EPYC), each its own cached library. The kernels'
+vector paths follow the build's target (`#ifdef __AVX512F__` ...), so one choice per library
+covers every kernel, not only the quantized ones; the tests run the quantized kernels under both
+on any x86 CPU that has AVX2 (`cpu_isa()` says which vector path the loaded library has).
 """
 from __future__ import annotations
 
@@ -59,23 +72,47 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+#: MOECLI_CPU_ISA's values: the target flags of each build.
+ISAS = {"native": ["-march=native", "-mprefer-vector-width=512"], "avx2": ["-march=haswell"]}
+AVX2_FLAGS = ("avx2", "fma", "f16c")  # what -march=haswell code needs of the CPU (/proc/cpuinfo's names)
+
+
+def build_isa() -> str:
+    """What the library is built for: MOECLI_CPU_ISA, checked: "native" (unset) or "avx2", which this CPU must be able to run."""
+    value = (env.text("MOECLI_CPU_ISA") or "native").strip().lower()
+    if value not in ISAS:
+        raise UsageError(f"MOECLI_CPU_ISA={env.text('MOECLI_CPU_ISA')!r} is not a target for the CPU kernels",
+                         f"choose {' or '.join(ISAS)}, or unset it")
+    if value == "avx2" and not supports_avx2():
+        raise UsageError("MOECLI_CPU_ISA=avx2 needs an x86 CPU with AVX2, FMA and F16C, which this one lacks",
+                         "unset MOECLI_CPU_ISA (native builds for this CPU)")
+    return value
+
+
+def supports_avx2() -> bool:
+    """Whether this CPU runs -march=haswell code (AVX2, FMA, F16C)."""
+    flags = next((line.split(":", 1)[1].split() for line in _cpu_signature().splitlines()
+                  if line.startswith("flags")), [])
+    return all(flag in flags for flag in AVX2_FLAGS)
+
+
 def _compiler_and_flags() -> tuple[str, list[str]]:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    flags = ["-O3", "-DNDEBUG", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-fPIC",
-             f"-I{jax.ffi.include_dir()}"]
+    flags = ["-O3", "-DNDEBUG", *ISAS[build_isa()], "-std=c++17", "-fPIC", f"-I{jax.ffi.include_dir()}"]
     return compiler, flags
 
 
 def library_path() -> Path:
-    """Where the library for these sources, this jaxlib, this CPU and compiler is (or will be) built."""
+    """Where the library for these sources, this jaxlib, this CPU, compiler and MOECLI_CPU_ISA is
+    (or will be) built."""
     from moecli.runtime import cache_dir
 
     compiler, flags = _compiler_and_flags()
     key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), jax.__version__, _cpu_signature(),
                                     compiler, *flags]).encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"cpu_kernels-{key}.so"
+    return cache_dir() / "kernels" / f"cpu_kernels-{build_isa()}-{key}.so"
 
 
 def is_built() -> bool:
@@ -130,6 +167,7 @@ def available() -> bool:
         _why_not = "turned off by MOECLI_CPU_KERNELS=0"
         return False
     cap = _bf16_cap()  # a bad value is an error before the ~15 s build, not after
+    build_isa()
     try:
         global _library
         library = _library = ctypes.CDLL(str(_building.result() if _building else _build()))
@@ -137,7 +175,9 @@ def available() -> bool:
             raise RuntimeError("the CPU kernels' bfloat16 engine was chosen before MOECLI_CPU_BF16 could cap it")
         for name, symbol in (("moecli_experts", "MoecliExperts"), ("moecli_matvec", "MoecliMatvec"),
                              ("moecli_grouped_experts", "MoecliGroupedExperts"), ("moecli_attention", "MoecliAttention"),
-                             ("moecli_matmul", "MoecliMatmul")):
+                             ("moecli_matmul", "MoecliMatmul"), ("moecli_matvec_q", "MoecliMatvecQ"),
+                             ("moecli_matmul_q", "MoecliMatmulQ"), ("moecli_experts_q", "MoecliExpertsQ"),
+                             ("moecli_grouped_experts_q", "MoecliGroupedExpertsQ")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -168,12 +208,24 @@ def bf16_engine() -> str | None:
     return BF16_ENGINES[_library.MoecliBf16Engine()] if available() else None
 
 
+def cpu_isa() -> str | None:
+    """The quantized kernels' vector path in the loaded library: "avx512", "avx2" or "generic"
+    (what `build_isa()` made of this CPU). None without the kernels."""
+    if not available():
+        return None
+    _library.MoecliQuantIsa.restype = ctypes.c_char_p
+    return _library.MoecliQuantIsa().decode()
+
+
 def status() -> str:
     """One line for --verbose: are the kernels in use, and if not, why."""
     if not available():
         return f"CPU kernels: off ({_why_not})"
     engine = {"amx": "AMX tiles", "dpbf16": "AVX512-BF16"}.get(bf16_engine())
-    return "CPU kernels: on" + (f" (bfloat16 prompts on {engine})" if engine else "")
+    notes = [f"bfloat16 prompts on {engine}"] if engine else []
+    if build_isa() != "native":
+        notes.append(f"built for {build_isa()}")
+    return "CPU kernels: on" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _require() -> None:
@@ -264,3 +316,48 @@ def transpose_into(dst: np.ndarray, src: np.ndarray) -> bool:
 def matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., k] @ w [k, n] for a few rows (decoding), w float32 or bfloat16."""
     return _product("moecli_matvec", x, w)
+
+
+PACKED_DTYPES = ("int8", "uint8")  # q8; q4 (two int4 values a byte), csrc/quant_unpack.h's layout
+SCALE_DTYPES = ("float16",)
+
+
+def _quantized_product(target: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., k] @ W [k, n] through the kernel `target`, W quantized as (q, scale); float32."""
+    _require()
+    _check_dtypes(target, ACTIVATION_DTYPES, x=x)
+    _check_dtypes(target, PACKED_DTYPES, q=q)
+    _check_dtypes(target, SCALE_DTYPES, scale=scale)
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], q.shape[-1]), jnp.float32))
+    return call(rows, q, scale).reshape(*x.shape[:-1], q.shape[-1])
+
+
+def matvec_q(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [..., k] @ W for a few rows (decoding), W [k, n] quantized: q int8 [k, n] (q8) or uint8
+    [k / 2, n] (q4: rows 2i and 2i + 1 in byte row i's low and high nibbles, each value + 8), scale
+    float16 [k / G, n]. Float32, each packed byte read once, in place (csrc/quant_matvec.h)."""
+    return _quantized_product("moecli_matvec_q", x, q, scale)
+
+
+def matmul_q(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """`matvec_q` for a prompt's rows: the matrix engine of bfloat16 weights (see `bf16_engine`),
+    the weights dequantized as it packs them (csrc/quant_pack.h). Float32."""
+    return _quantized_product("moecli_matmul_q", x, q, scale)
+
+
+def experts_q(x, expert_ids, gate_weights, w_gate_q, w_gate_scale, w_up_q, w_up_scale, w_down_q,
+              w_down_scale) -> jax.Array:
+    """`experts` with quantized weights, each a (q, scale) pair as in `matvec_q` with a leading
+    [experts] axis: q [experts, d, f] or [experts, d / 2, f] (w_down: f and d swapped), scale
+    [experts, rows / G, columns]; all three q int8 or all three uint8. Float32; ids outside
+    [0, experts) skipped. A few tokens decode (csrc/cpu_kernels.cc), more take the grouped product."""
+    _require()
+    kernel = "moecli_experts_q" if x.shape[0] <= DECODE_ROWS else "moecli_grouped_experts_q"
+    _check_dtypes(kernel, ACTIVATION_DTYPES, x=x)
+    _check_dtypes(kernel, PACKED_DTYPES, w_gate_q=w_gate_q)
+    _check_dtypes(kernel, (jnp.dtype(w_gate_q.dtype).name,), w_up_q=w_up_q, w_down_q=w_down_q)  # all three alike
+    _check_dtypes(kernel, SCALE_DTYPES, w_gate_scale=w_gate_scale, w_up_scale=w_up_scale, w_down_scale=w_down_scale)
+    call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), gate_weights.astype(jnp.float32),
+                w_gate_q, w_gate_scale, w_up_q, w_up_scale, w_down_q, w_down_scale)

@@ -193,6 +193,12 @@ inline void accumulate_rows(const float* x, int64_t x_stride, int64_t rows, cons
   }
 }
 
+// Rows of w a work item's block of rows is a multiple of: the stretches (quant_matvec.h: groups).
+template <typename W>
+inline int64_t row_step(const W*) {
+  return kStreams;
+}
+
 // Runs fn(item) for every item in [0, n): the calling thread and up to pool.num_threads() - 1 pool
 // threads (one worker per core: the caller is not a pool thread) take items from a shared counter;
 // returns when all items are done.

@@ -64,10 +64,11 @@ struct AmxEngine {
   }
 
 #ifdef MOECLI_HAS_AMX
-  // C[:, n0:n0+width] = A @ w[:, n0:n0+width] for `slivers` packed slivers, w [K, N] bfloat16,
-  // width <= kCols.
-  static void gemm(const A* a, int64_t slivers, int64_t K, const uint16_t* w, int64_t N, int64_t n0,
-                   int64_t width, float* c, int64_t ldc) {
+  // C[:, n0:n0+width] = A @ w[:, n0:n0+width] for `slivers` packed slivers, w [K, N] bfloat16
+  // (or quantized: QuantWeights, dequantized by csrc/quant_pack.h's pack_pairs), width <= kCols.
+  template <typename Weights>
+  static void gemm(const A* a, int64_t slivers, int64_t K, Weights w, int64_t N, int64_t n0, int64_t width, float* c,
+                   int64_t ldc) {
     width = std::min({width, kCols, N - n0});
     const int64_t kp = row_size(K), groups = (width + 15) / 16;  // 16-column B tiles
     uint16_t* b = static_cast<uint16_t*>(thread_buffer<AmxEngine>(kp * kCols * sizeof(uint16_t)));
@@ -129,7 +130,8 @@ struct AmxEngine {
     if (R == 2 && G == 2) _tile_stored(3, c + kRows * ldc + 16, ldc * 4);
   }
 #else
-  static void gemm(const A*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {
+  template <typename Weights>
+  static void gemm(const A*, int64_t, int64_t, Weights, int64_t, int64_t, int64_t, float*, int64_t) {
     std::abort();
   }
 #endif

@@ -8,7 +8,8 @@
 //   - A (the tokens' rows, rounded to bfloat16) is packed in slivers of kRows rows as
 //     [K / 2][kRows] pairs, so the micro-kernel broadcasts one row's pair with one 32-bit load;
 //   - B (the weights) is packed per block of kKC rows into 16-column groups of pairs
-//     (pack_pairs, shared with gemm_amx.h);
+//     (pack_pairs, shared with gemm_amx.h; quantized weights: csrc/quant_pack.h's, dequantized
+//     and rounded to bfloat16 there);
 //   - the micro-kernel keeps a kRows x 32 tile of C in 24 of the 32 vector registers, as the
 //     float32 engine does (gemm_fp32.h), with one VDPBF16PS per vector and step of two k.
 // Products accumulate in float32; activations are rounded to bfloat16 first, as a bfloat16
@@ -106,9 +107,10 @@ struct Dpbf16Engine {
 
 #ifdef MOECLI_HAS_DPBF16
   // C[:, n0:n0+width] = A @ w[:, n0:n0+width] for `slivers` packed slivers of K, w [K, N] bfloat16,
-  // C [slivers * kRows, ldc] with room for whole 32-column tiles.
-  static void gemm(const A* a, int64_t slivers, int64_t K, const uint16_t* w, int64_t N, int64_t n0,
-                   int64_t width, float* c, int64_t ldc) {
+  // C [slivers * kRows, ldc] with room for whole 32-column tiles. (Or w quantized: QuantWeights.)
+  template <typename Weights>
+  static void gemm(const A* a, int64_t slivers, int64_t K, Weights w, int64_t N, int64_t n0, int64_t width, float* c,
+                   int64_t ldc) {
     width = std::min(width, N - n0);
     const int64_t groups = round_up(width, 32) / 16, kp = row_size(K);
     uint16_t* b = static_cast<uint16_t*>(thread_buffer<Dpbf16Engine>(kKC * groups * 16 * sizeof(uint16_t)));
@@ -151,7 +153,8 @@ struct Dpbf16Engine {
     }
   }
 #else
-  static void gemm(const A*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t) {
+  template <typename Weights>
+  static void gemm(const A*, int64_t, int64_t, Weights, int64_t, int64_t, int64_t, float*, int64_t) {
     std::abort();
   }
 #endif

@@ -3,7 +3,9 @@
 //   - A (the activations) is packed once into slivers of kMR rows, stored column by column, so
 //     the micro-kernel reads it as one sequential stream;
 //   - B (the weights) is packed in blocks of kKC x width, slivers of kNR columns, so a sliver stays
-//     in the L1 cache while every A sliver goes past it; bfloat16 weights are widened here;
+//     in the L1 cache while every A sliver goes past it; bfloat16 weights are widened here, and
+//     quantized ones dequantized (csrc/quant_pack.h's pack_b, found for QuantWeights by
+//     argument-dependent lookup: the weights are `const W*` or a QuantWeights view);
 //   - the micro-kernel keeps a kMR x kNR tile of C in vector registers (24 of the 32 on AVX-512)
 //     and does one broadcast and two fused multiply-adds per row and step of k.
 // Measured ~80% of one core's float32 FMA peak with its data in cache (100-108 of 125-131 GFLOP/s),
@@ -100,8 +102,8 @@ void pack_a(const X* const* rows, int64_t K, float* out) {
 
 // C[:, n0:n0+width] = A @ w[:, n0:n0+width] for A packed as `slivers` slivers of K (see pack_a),
 // w [K, N] row-major, C [slivers * kMR, ldc] with ldc a multiple of kNR.
-template <typename W>
-void gemm_columns(const float* a, int64_t slivers, int64_t K, const W* w, int64_t N, int64_t n0, int64_t width,
+template <typename Weights>
+void gemm_columns(const float* a, int64_t slivers, int64_t K, Weights w, int64_t N, int64_t n0, int64_t width,
                   float* c, int64_t ldc) {
   const int64_t nc = round_up(std::min(width, N - n0), kNR);
   struct PackedB;
@@ -122,8 +124,8 @@ struct Fp32Engine {
   using A = float;
   static int64_t row_size(int64_t K) { return K; }  // packed A elements per row
   static void pack(const float* const* rows, int64_t K, A* out) { pack_a(rows, K, out); }
-  template <typename W>
-  static void gemm(const A* a, int64_t slivers, int64_t K, const W* w, int64_t N, int64_t n0, int64_t width,
+  template <typename Weights>
+  static void gemm(const A* a, int64_t slivers, int64_t K, Weights w, int64_t N, int64_t n0, int64_t width,
                    float* c, int64_t ldc) {
     gemm_columns(a, slivers, K, w, N, n0, width, c, ldc);
   }

@@ -13,6 +13,9 @@
 // (gemm_amx.h), else AVX512-BF16 dot products where it has those (gemm_dpbf16.h). bf16_engine()
 // picks one per process; MoecliSetBf16Cap (moecli/kernels/cpu/ffi.py passes MOECLI_CPU_BF16)
 // caps the choice.
+//
+// Quantized weights (moecli_matmul_q, moecli_grouped_experts_q: int8 / int4 with float16 scales)
+// take the same path as bfloat16 ones, dequantized as the engine packs them (csrc/quant_pack.h).
 
 #include <algorithm>
 #include <atomic>
@@ -25,6 +28,8 @@
 #include "gemm_amx.h"
 #include "gemm_dpbf16.h"
 #include "gemm_fp32.h"
+#include "quant_operands.h"
+#include "quant_pack.h"
 
 namespace {
 
@@ -62,27 +67,33 @@ Bf16Engine bf16_engine() {
   return engine;
 }
 
+// run(E{}): the kernel body with the engine E for bfloat16 (or quantized) weights.
+template <typename Run>
+ffi::Error with_bf16_engine(Run run) {
+  switch (bf16_engine()) {
+    case kAmx: return run(AmxEngine{});
+    case kDpbf16: return run(Dpbf16Engine{});
+    default: return run(Fp32Engine{});
+  }
+}
+
 // run(W{}, E{}): the kernel body for weights of dtype `weights` (W: float or uint16_t for
 // bfloat16) and the engine E that multiplies them.
 template <typename Run>
 ffi::Error with_engine(ffi::DataType weights, Run run) {
   if (weights != ffi::BF16) return run(float{}, Fp32Engine{});
-  switch (bf16_engine()) {
-    case kAmx: return run(uint16_t{}, AmxEngine{});
-    case kDpbf16: return run(uint16_t{}, Dpbf16Engine{});
-    default: return run(uint16_t{}, Fp32Engine{});
-  }
+  return with_bf16_engine([&](auto engine) { return run(uint16_t{}, engine); });
 }
 
 // y[t] = sum over the token's assignments a of weight[a] * SwiGLU_e(x[t]), e = expert[a], for a
 // prompt's worth of tokens; ids outside [0, n_experts) (another device's experts) are skipped.
-template <typename W, typename E>
+// The weights (`const W*` or QuantWeights): stacks of n_experts matrices, [d, f] (wg, wu), [f, d] (wd).
+template <typename E, typename Weights>
 ffi::Error GroupedExpertsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
-                              ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up, ffi::AnyBuffer w_down, ffi::AnyBuffer y) {
+                              Weights wg, Weights wu, Weights wd, int64_t n_experts, int64_t f, ffi::AnyBuffer y) {
   constexpr int R = E::kRows;
   const int64_t tokens = x.dimensions()[0], d = x.dimensions()[1], top_k = experts.dimensions()[1];
-  const int64_t n_experts = w_gate.dimensions()[0], f = w_gate.dimensions()[2], n = tokens * top_k;
-  const W *wg = data<const W>(w_gate), *wu = data<const W>(w_up), *wd = data<const W>(w_down);
+  const int64_t n = tokens * top_k;
   const int32_t* expert = data<const int32_t>(experts);
   const float *xs = data<const float>(x), *gate = data<const float>(gates);
 
@@ -169,8 +180,26 @@ ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
       error.failure())
     return error;
   return with_engine(w_gate.element_type(), [&](auto w, auto engine) {
-    return GroupedExpertsImpl<decltype(w), decltype(engine)>(pool, x, experts, gates, w_gate, w_up, w_down, *y);
+    using W = decltype(w);
+    return GroupedExpertsImpl<decltype(engine)>(pool, x, experts, gates, data<const W>(w_gate), data<const W>(w_up),
+                                                data<const W>(w_down), w_gate.dimensions()[0], w_gate.dimensions()[2],
+                                                *y);
   });
+}
+
+ffi::Error GroupedExpertsQ(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
+                           ffi::AnyBuffer gate_q, ffi::AnyBuffer gate_s, ffi::AnyBuffer up_q, ffi::AnyBuffer up_s,
+                           ffi::AnyBuffer down_q, ffi::AnyBuffer down_s, ffi::Result<ffi::AnyBuffer> y) {
+  if (ffi::Error error = moecli::check_quantized_experts("moecli_grouped_experts_q", x, experts, gates, gate_q, gate_s,
+                                                         up_q, up_s, down_q, down_s, *y);
+      error.failure())
+    return error;
+  return moecli::with_quantized_experts(
+      x, gate_q, gate_s, up_q, up_s, down_q, down_s, [&](auto wg, auto wu, auto wd, int64_t n_experts, int64_t f) {
+        return with_bf16_engine([&](auto engine) {
+          return GroupedExpertsImpl<decltype(engine)>(pool, x, experts, gates, wg, wu, wd, n_experts, f, *y);
+        });
+      });
 }
 
 // y[m, N] = x[m, K] @ w[K, N] for a prompt's rows. XLA:CPU's own dots reach ~100 GFLOP/s in
@@ -178,9 +207,9 @@ ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
 // ~140 in float32 and, with bfloat16 weights on AMX or AVX512-BF16, ~2x that (BENCHMARKS.md).
 // Work items: (row block, column block), with as few row blocks as keep every thread busy (each
 // packs its column block of w again); each copies its block of C to y while it is still in cache.
-template <typename W, typename E>
-ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer y) {
-  const int64_t m = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+template <typename E, typename Weights>
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, Weights ws, int64_t N, ffi::AnyBuffer y) {
+  const int64_t m = x.dimensions()[0], K = x.dimensions()[1];
   const int64_t slivers = (m + E::kRows - 1) / E::kRows, kk = E::row_size(K), np = round_up(N, 32) + kPadC;
   const int64_t col_blocks = (N + kNC - 1) / kNC;
   const int64_t row_blocks = std::min(slivers, (2 * pool.num_threads() + col_blocks - 1) / col_blocks);
@@ -196,7 +225,6 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, 
     for (int i = 0; i < E::kRows; ++i) rows[i] = s * E::kRows + i < m ? xs + (s * E::kRows + i) * K : nullptr;
     E::pack(rows, K, a + s * E::kRows * kk);
   });
-  const W* ws = data<const W>(w);
   parallel_for(pool, row_blocks * col_blocks, [&](int64_t item) {
     const int64_t s0 = (item / col_blocks) * per_block, n0 = (item % col_blocks) * kNC;
     if (s0 >= slivers) return;
@@ -212,7 +240,17 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, 
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   if (ffi::Error error = moecli::check_product("moecli_matmul", x, w, *y); error.failure()) return error;
   return with_engine(w.element_type(), [&](auto w_dtype, auto engine) {
-    return MatmulImpl<decltype(w_dtype), decltype(engine)>(pool, x, w, *y);
+    return MatmulImpl<decltype(engine)>(pool, x, data<const decltype(w_dtype)>(w), w.dimensions()[1], *y);
+  });
+}
+
+ffi::Error MatmulQ(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
+                   ffi::Result<ffi::AnyBuffer> y) {
+  if (ffi::Error error = moecli::check_quantized_product("moecli_matmul_q", x, q, scale, *y); error.failure())
+    return error;
+  return moecli::with_quantized(q, scale, x.dimensions()[1], [&](auto w) {
+    return with_bf16_engine(
+        [&](auto engine) { return MatmulImpl<decltype(engine)>(pool, x, w, q.dimensions()[1], *y); });
   });
 }
 
@@ -221,6 +259,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul, moecli::product_binding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts, moecli::experts_binding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmulQ, MatmulQ, moecli::quantized_product_binding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExpertsQ, GroupedExpertsQ, moecli::quantized_experts_binding());
 
 // For `moe generate --verbose` and the tests: the engine of bfloat16 prompts (see bf16_engine).
 extern "C" int MoecliBf16Engine() { return bf16_engine(); }
