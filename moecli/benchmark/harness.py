@@ -1,10 +1,12 @@
 """`moe bench`: load time, compile time, time to first token, prefill and decode speed, and peak
-memory, for moecli and (with --compare-hf) Hugging Face transformers on the same files.
+memory, for moecli and (with --compare-hf) Hugging Face transformers on the same files, and (with
+--compare-llamacpp) llama.cpp on those files converted to GGUF (moecli/benchmark/llamacpp.py).
 
 Each engine runs in its own subprocess (`python -m moecli.benchmark.harness ENGINE FOLDER DTYPE ...`), so
 peak memory is its own and neither warms the other's caches; the parent collects one JSON line
 from each. Named shapes are written once as random safetensors checkpoints at real sizes under
-~/.cache/moecli/bench/, so both engines read identical files.
+~/.cache/moecli/bench/, so both engines read identical files. With --threads N every engine's
+process is restricted to the same N cores (`pin_threads`).
 
 The decode floor at batch 1: every generated token reads each active weight once, so
 tok/s <= memory bandwidth / active-weight bytes; see BENCHMARKS.md.
@@ -12,6 +14,7 @@ tok/s <= memory bandwidth / active-weight bytes; see BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -137,9 +140,33 @@ def peak_host_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def prompt_ids(vocab_size: int, prompt_len: int) -> np.ndarray:
+    """The benchmark's prompt: the same random token ids for every engine."""
+    return np.random.default_rng(1).integers(3, vocab_size, prompt_len)
+
+
+def pin_threads(threads: int | None) -> int:
+    """Restrict this process to its first `threads` cores (what `taskset` does), before an engine
+    starts: XLA sizes its intra-op pool, which moecli's CPU kernels share, from this set, as OpenMP
+    (torch, llama.cpp) does. None keeps every core. Returns the thread count."""
+    cores = sorted(os.sched_getaffinity(0))
+    if threads:
+        os.sched_setaffinity(0, cores[:threads])
+    return len(os.sched_getaffinity(0))
+
+
+def moecli_quantizes() -> bool:
+    """Whether the installed moecli can load a model quantized (`load_model(..., quantize=)`)."""
+    import inspect
+
+    from moecli.inference.engine import load_model
+
+    return "quantize" in inspect.signature(load_model).parameters
+
+
 # ----------------------------------------------------------------------------- the engines
 
-def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dict:
+def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int, quantize: str | None = None) -> dict:
     import jax
 
     from moecli.kernels.cpu import ffi as cpu_kernels
@@ -153,10 +180,10 @@ def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dic
         enable_compilation_cache()
     cpu_kernels.available()  # their one-time build (per machine) is neither loading nor compiling
     start = time.perf_counter()
-    model = load_model(folder, dtype=dtype)
+    model = load_model(folder, dtype=dtype, **({"quantize": quantize} if quantize else {}))
     jax.block_until_ready(model.params)
     load_s, load_peak = time.perf_counter() - start, peak_host_mb()
-    prompt = list(np.random.default_rng(1).integers(3, model.config.vocab_size, prompt_len))
+    prompt = list(prompt_ids(model.config.vocab_size, prompt_len))
     decoder = Decoder(model, max_len=prompt_len + new_tokens + 16)
     greedy = SamplingParams()
     list(decoder.tokens(prompt, greedy, max_new_tokens=2))  # compile prefill + decode
@@ -174,8 +201,9 @@ def run_moecli(folder: str, dtype: str, prompt_len: int, new_tokens: int) -> dic
                   load_peak_host_mb=load_peak, checkpoint_mb=checkpoint_mb(folder),
                   device=str(jax.devices()[0].device_kind), version=f"jax {jax.__version__}")
     del model, decoder
-    floor = decode_floor(load_config(folder), np.dtype(dtype).itemsize if dtype == "float32" else 2,
-                         read_bandwidth_gb_s())
+    # bytes per weight; q8/q4 leave out their group scales, so the floor stays an upper bound
+    itemsize = {"q8": 1, "q4": 0.5}.get(quantize, 4 if dtype == "float32" else 2)
+    floor = decode_floor(load_config(folder), itemsize, read_bandwidth_gb_s())
     floor["decode_of_floor"] = result["decode_tok_s"] / floor["decode_floor_tok_s"]
     return {**result, **floor}
 
@@ -222,15 +250,21 @@ def run_transformers(folder: str, dtype: str, prompt_len: int, new_tokens: int) 
                 load_peak_host_mb=load_peak, checkpoint_mb=checkpoint_mb(folder), device=device, version=f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 
-def run_engine(engine: str, folder: Path, dtype: str, prompt_len: int, new_tokens: int, timeout: int) -> dict:
-    """Run one engine in a fresh subprocess and return its metrics."""
-    cmd = [sys.executable, "-m", "moecli.benchmark.harness", engine, str(folder), dtype, str(prompt_len), str(new_tokens)]
+def run_engine(engine: str, folder: Path, dtype: str, prompt_len: int, new_tokens: int, timeout: int,
+               **options) -> dict:
+    """Run one engine in a fresh subprocess and return its metrics. `folder` is a checkpoint folder
+    (llamacpp: a GGUF file); options: threads=N (cores the engine may use), quantize="q8"|"q4"."""
+    worker = "moecli.benchmark.llamacpp" if engine == "llamacpp" else "moecli.benchmark.harness"
+    cmd = [sys.executable, "-m", worker, engine, str(folder), dtype, str(prompt_len), str(new_tokens)]
+    cmd += [f"{key}={value}" for key, value in options.items() if value is not None]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         from moecli.errors import MoecliError
 
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if proc.returncode < 0:  # a crash leaves no Python error to quote
+            tail = f"its process died of signal {-proc.returncode} ({tail})"
         raise MoecliError(f"the {engine} benchmark failed: {tail}", "run with --debug, or try a smaller shape")
     return json.loads(lines[-1])
 
@@ -238,6 +272,13 @@ def run_engine(engine: str, folder: Path, dtype: str, prompt_len: int, new_token
 def ratios(ours: dict, theirs: dict) -> dict:
     return {"decode": ours["decode_tok_s"] / theirs["decode_tok_s"],
             "prefill": ours["prefill_tok_s"] / theirs["prefill_tok_s"]}
+
+
+def paired_ratios(ours: list[dict], theirs: list[dict]) -> tuple[dict, dict]:
+    """The median of the back-to-back pairs' ratios (moecli / competitor), and each pair's."""
+    pairs = [ratios(a, b) for a, b in zip(ours, theirs)]
+    each = {kind: [p[kind] for p in pairs] for kind in ("decode", "prefill")}
+    return {kind: float(np.median(values)) for kind, values in each.items()}, each
 
 
 def run_order(engines: tuple[str, ...], repeat: int) -> list[str]:
@@ -250,27 +291,43 @@ def run_order(engines: tuple[str, ...], repeat: int) -> list[str]:
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict:
-    """Each engine's median run (metric by metric), and the ratios. With transformers, the ratio is
-    the median of each pair's ratio: a pair ran back to back, so it saw the same machine. The decode
-    floor is the machine's, not an engine's: transformers' share of it is taken from its pair's
-    moecli run, so the two shares bound the ratio (moecli's share / transformers' share)."""
-    for ours, theirs in zip(runs.get("moecli", []), runs.get("transformers", [])):
-        if ours.get("decode_floor_tok_s"):
-            theirs["decode_of_floor"] = theirs["decode_tok_s"] / ours["decode_floor_tok_s"]
+    """Each engine's median run (metric by metric), and the ratios. Against a competitor
+    (transformers, llama.cpp), the ratio is the median of each pair's ratio: a pair ran back to
+    back, so it saw the same machine. The decode floor is the machine's, not an engine's: a
+    competitor's share of it is taken from its pair's moecli run, so the two shares bound the ratio
+    (moecli's share / the competitor's share). transformers' ratios are `ratio` and `ratio_runs`,
+    llama.cpp's are inside its own entry (None when moecli did not run)."""
+    for competitor in ("transformers", "llamacpp"):
+        for ours, theirs in zip(runs.get("moecli", []), runs.get(competitor, [])):
+            if ours.get("decode_floor_tok_s"):
+                theirs["decode_of_floor"] = theirs["decode_tok_s"] / ours["decode_floor_tok_s"]
     results = {}
     for engine, rs in runs.items():
         results[engine] = {key: (float(np.median([r[key] for r in rs])) if isinstance(value, (int, float))
                                  and not isinstance(value, bool) else value)
                            for key, value in rs[0].items()}
     if "transformers" in runs:
-        pairs = [ratios(ours, theirs) for ours, theirs in zip(runs["moecli"], runs["transformers"])]
-        results["ratio"] = {kind: float(np.median([p[kind] for p in pairs])) for kind in ("decode", "prefill")}
-        results["ratio_runs"] = {kind: [p[kind] for p in pairs] for kind in ("decode", "prefill")}
+        results["ratio"], results["ratio_runs"] = paired_ratios(runs["moecli"], runs["transformers"])
+    if "llamacpp" in runs:
+        ratio, each = paired_ratios(runs["moecli"], runs["llamacpp"]) if runs.get("moecli") else (None, None)
+        results["llamacpp"].update(ratio=ratio, ratio_runs=each)
     results["runs"] = runs
     return results
 
 
-if __name__ == "__main__":  # the worker: python -m moecli.benchmark.harness ENGINE FOLDER DTYPE PROMPT_LEN NEW_TOKENS
-    engine, folder, dtype, prompt_len, new_tokens = sys.argv[1:6]
-    runner = run_moecli if engine == "moecli" else run_transformers
-    print(json.dumps(runner(folder, dtype, int(prompt_len), int(new_tokens))))
+def worker_args(argv: list[str]) -> tuple[str, str, int, int, str | None, int]:
+    """A worker's command line, ENGINE FOLDER DTYPE PROMPT_LEN NEW_TOKENS [threads=N] [quantize=q8|q4],
+    as (folder, dtype, prompt_len, new_tokens, quantize, threads), this process pinned to its threads."""
+    folder, dtype, prompt_len, new_tokens = argv[2:6]
+    options = dict(arg.split("=", 1) for arg in argv[6:])
+    threads = pin_threads(int(options["threads"]) if "threads" in options else None)
+    return folder, dtype, int(prompt_len), int(new_tokens), options.get("quantize"), threads
+
+
+if __name__ == "__main__":  # the worker: python -m moecli.benchmark.harness ENGINE FOLDER DTYPE PROMPT_LEN NEW_TOKENS ...
+    folder, dtype, prompt_len, new_tokens, quantize, threads = worker_args(sys.argv)
+    if sys.argv[1] == "moecli":
+        result = run_moecli(folder, dtype, prompt_len, new_tokens, quantize)
+    else:
+        result = run_transformers(folder, dtype, prompt_len, new_tokens)
+    print(json.dumps({**result, "threads": threads}))

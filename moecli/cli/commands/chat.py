@@ -312,10 +312,11 @@ def chat(
                 if not run_command(console, session, line.strip(), view):
                     break
                 continue
-            if warm_up.is_alive():
-                with console.status("compiling the model, once per model (later launches take ~2 s) ..."):
-                    warm_up.join()
             with Interrupt() as interrupt:
+                if warm_up.is_alive():  # polled, so Ctrl-C here stops the reply, never the process
+                    with console.status("compiling the model, once per model (later launches take ~2 s) ..."):
+                        while warm_up.is_alive() and not interrupt.requested:
+                            warm_up.join(0.1)
                 stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested), view.markdown)
             notice = session.stop_notice()  # [interrupted], or the context window is full
             if notice:
@@ -328,4 +329,5 @@ def chat(
             else:
                 print(f"error: generation failed ({type(err).__name__}: {first_line(err)}) — the "
                       "conversation is kept; /save it or try again", file=sys.stderr)
+    warm_up.join()  # a compile still running must finish before the process exits under it
     console.print("[dim]bye[/dim]")

@@ -77,8 +77,11 @@ def matmul_kernel(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     or AVX512-BF16 where the CPU has them)."""
     out_dtype = out_dtype or x.dtype
     if isinstance(w, QuantizedWeight):  # integers unpacked in registers; inference only (no gradient)
-        kernel = ffi.matvec_q if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul_q
-        return kernel(x, w.q, w.scale).astype(out_dtype)
+        if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS:
+            return ffi.matvec_q(x, w.q, w.scale).astype(out_dtype)
+        if x.dtype == jnp.float32:  # float32 activations keep float32 accuracy (the engines may round to bf16)
+            return matmul_xla(x, w, out_dtype)
+        return ffi.matmul_q(x, w.q, w.scale).astype(out_dtype)
     if not reads(weight_dtype(w)):
         return matmul_xla(x, w, out_dtype)
     kernel = ffi.matvec if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul
@@ -103,6 +106,10 @@ def experts_kernel_q(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, 
     """Dropless experts in C++ on quantized weights (`moecli.model.quant`): each packed byte read
     once, unpacked and scaled in registers when decoding; dequantized while packing for a prompt's
     grouped product. Inference only: training never sees quantized weights."""
+    if x.shape[0] > ffi.DECODE_ROWS and x.dtype == jnp.float32:
+        # A prompt in float32: the grouped engine may round activations to bfloat16 (AMX, AVX512-BF16),
+        # which float32 weights never are; keep float32 accuracy through the reference path.
+        return E.experts_blocked(x, w_gate, w_up, w_down, routing, n_experts)
     y = ffi.experts_q(x, routing.experts, routing.weights, w_gate.q, w_gate.scale, w_up.q, w_up.scale,
                       w_down.q, w_down.scale)
     return y.astype(x.dtype)
