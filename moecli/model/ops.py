@@ -8,7 +8,6 @@ platform, and what the faster sets are tested against. Training uses it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,17 +32,31 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return visible
 
 
-def attend_xla(q, k, v, positions, window: int | None) -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim), causal mask) v, in float32.
+def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """softmax over the last axis of float32 `scores` [b, kv, g, t, len]; with `sinks` [kv, g], each
+    head's learned sink logit joins the denominator only ("attention sinks", Xiao et al. 2023, as
+    gpt-oss learns them): a head can put weight on nothing instead of being forced onto some key."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink = sinks.astype(jnp.float32)[None, :, :, None, None]                    # [1, kv, g, 1, 1]
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
+    exp = jnp.exp(scores - top)
+    return exp / (jnp.sum(exp, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
-    q [b, kv, group, t, d] at `positions` [t]; keys and values [b, kv, len, d] at positions
-    0..len-1 (a cache's slots, or the chunk itself). Returns float32 [b, kv, group, t, d]. The
-    softmax runs in float32: bfloat16's 8 mantissa bits are too few for a sum over thousands of keys."""
+
+def attend_xla(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale, causal mask) v, in float32; scale defaults to 1 / sqrt(q's head_dim).
+
+    q [b, kv, group, t, d] at `positions` [t]; keys [b, kv, len, d] and values [b, kv, len, d_v]
+    (d_v may differ from d: multi-head latent attention) at positions 0..len-1 (a cache's slots, or
+    the chunk itself); `sinks` [kv, group] or None (`softmax_with_sinks`). Returns float32
+    [b, kv, group, t, d_v]. The softmax runs in float32: bfloat16's 8 mantissa bits are too few for a
+    sum over thousands of keys."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
+    scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
     mask = attention_mask(positions, jnp.arange(k.shape[2]), window)             # [t, len]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = softmax_with_sinks(scores, sinks)
     return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
@@ -63,7 +76,7 @@ class Ops:
 
     name: str
     matmul: Callable = matmul_xla          # (x, w, out_dtype=None) -> x @ w
-    attention: Callable = attend_xla       # (q, k, v, positions, window) -> float32 [b, kv, g, t, d]
+    attention: Callable = attend_xla       # (q, k, v, positions, window, sinks=None, scale=None) -> float32 [b, kv, g, t, d_v]
     experts: Callable = experts_xla        # (tokens, top_k, n_experts, weight dtype) -> dropless experts fn
     keys_transposed: bool = False          # the KV cache keeps keys as [b, kv, d, len] (see model.cache)
     float32_cache: bool = False            # the KV cache in float32 whatever the weights' dtype

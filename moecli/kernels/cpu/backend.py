@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from moecli.kernels.cpu import ffi
 from moecli.kernels.gradients import with_reference_gradient
 from moecli.model import experts as E
-from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla
+from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla, softmax_with_sinks
 from moecli.model.quant import QuantizedWeight, weight_dtype
 from moecli.model.router import Routing
 
@@ -52,21 +52,25 @@ def attention_product(a: jax.Array, b: jax.Array, seq: int) -> jax.Array:
     return jnp.einsum("bkgti,bkic->bkgtc", a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
-def attend_xla_cpu(q, k, v, positions, window: int | None) -> jax.Array:
+def attend_xla_cpu(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None) -> jax.Array:
     """`moecli.model.ops.attend_xla` for transposed keys [b, kv, d, len], the XLA:CPU way."""
-    scores = attention_product(q, k, q.shape[3]) / math.sqrt(q.shape[-1])
+    scores = attention_product(q, k, q.shape[3]) * (q.shape[-1] ** -0.5 if scale is None else scale)
     mask = attention_mask(positions, jnp.arange(k.shape[-1]), window)  # [t, len]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, len]
-    return attention_product(jax.nn.softmax(scores, axis=-1), v, q.shape[3])
+    return attention_product(softmax_with_sinks(scores, sinks), v, q.shape[3])
 
 
-def attend_kernel(q, k, v, positions, window: int | None) -> jax.Array:
+def attend_kernel(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None) -> jax.Array:
     """Causal attention in C++ (csrc/attention.cc): it visits only the keys each query may see,
     where XLA computes and masks the whole fixed-size cache (~2x the work for a prompt, and all of
-    max_len for every decoded token)."""
+    max_len for every decoded token). The kernel has no sinks and one head size for keys and values;
+    other attention (gpt-oss's sinks, latent attention's value size) takes the XLA:CPU path."""
+    if sinks is not None or v.shape[-1] != q.shape[-1]:
+        return attend_xla_cpu(q, k, v, positions, window, sinks, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     kernel = lambda q, k, v, positions: ffi.attention(  # noqa: E731
-        q.astype(jnp.float32) / math.sqrt(q.shape[-1]), k, v, positions[0], window)
-    reference = lambda q, k, v, positions: attend_xla_cpu(q, k, v, positions, window)  # noqa: E731
+        q.astype(jnp.float32) * scale, k, v, positions[0], window)
+    reference = lambda q, k, v, positions: attend_xla_cpu(q, k, v, positions, window, None, scale)  # noqa: E731
     return with_reference_gradient(kernel, reference)(q, k, v, positions)
 
 
