@@ -95,7 +95,11 @@ class ModelConfig:
     n_experts: int
     top_k: int
     moe_layers: tuple[bool, ...]  # per layer: True = MoE block, False = dense MLP
-    d_shared_expert: int = 0      # Qwen2-MoE's always-on shared expert (0 = none)
+    d_shared_expert: int = 0      # always-on shared expert(s)' hidden size (0 = none)
+    shared_expert_gate: bool = True  # the shared expert's output scaled by a sigmoid gate (Qwen2-MoE); DeepSeek: none
+    n_group: int = 1              # group-limited routing (moecli.model.router.group_mask): groups of experts
+    topk_group: int = 1           # ... and how many groups each token may use
+    routed_scaling_factor: float = 1.0  # the routed experts' weights scaled by this (DeepSeek, GLM-4.5)
     norm_topk_prob: bool = True   # renormalise the top-k gate weights to sum to 1
     capacity_factor: float = 0.0  # 0 = dropless routing; > 0 = capacity routing
     quant: QuantConfig = QuantConfig()  # float weights unless --quantize or a quantized checkpoint
@@ -149,6 +153,12 @@ class ModelConfig:
         if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0):
             raise ConfigError(f"rms_norm_eps must be a finite number >= 0, got {self.norm_eps}", DAMAGED)
         self.quant.validate()
+        if any(self.moe_layers) and not (self.n_group >= 1 and self.n_experts % self.n_group == 0
+                                         and 1 <= self.topk_group <= self.n_group):
+            raise ConfigError(f"n_group={self.n_group} must divide n_experts={self.n_experts} and topk_group="
+                              f"{self.topk_group} be between 1 and n_group", DAMAGED)
+        if not math.isfinite(self.routed_scaling_factor):
+            raise ConfigError(f"routed_scaling_factor must be finite, got {self.routed_scaling_factor}", DAMAGED)
         if not (math.isfinite(self.capacity_factor) and self.capacity_factor >= 0):
             raise ConfigError(f"capacity_factor must be >= 0, got {self.capacity_factor}")
         for name in ("sliding_window", "clip_qkv"):
@@ -184,7 +194,7 @@ class ModelConfig:
         attn += (h * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0) + (d if self.o_bias else 0)
         attn += {"none": 0, "head": 2 * h, "full": h * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
         expert = self.expert_size()
-        shared = 3 * d * self.d_shared_expert + (d if self.d_shared_expert else 0)
+        shared = 3 * d * self.d_shared_expert + (d if self.d_shared_expert and self.shared_expert_gate else 0)
         total = active = 0
         for is_moe in self.moe_layers:
             base = attn + 2 * d

@@ -62,6 +62,8 @@ class MoEBlock(hk.Module):
 
         if c.d_shared_expert:
             shared = MLP(d, c.d_shared_expert, self.ops, c.quant, name="shared_expert")(x)
-            gate = Linear(1, self.ops, with_bias=False, name="shared_expert_gate")(x)
-            y = y + jax.nn.sigmoid(gate.astype(jnp.float32)).astype(x.dtype) * shared
+            if c.shared_expert_gate:
+                gate = Linear(1, self.ops, with_bias=False, name="shared_expert_gate")(x)
+                shared = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(x.dtype) * shared
+            y = y + shared
         return y, routing

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 
@@ -47,5 +48,45 @@ def softmax_topk(x: jax.Array, router_w: jax.Array, config: ModelConfig, disable
     return route(x, router_w, config.top_k, config.norm_topk_prob, disabled)
 
 
+def group_mask(scores: jax.Array, n_group: int, topk_group: int, group_score: str) -> jax.Array:
+    """Group-limited routing (DeepSeek-V2/V3): the experts split into `n_group` equal groups (one per
+    device group in training, to bound communication); each token keeps only its `topk_group` best
+    groups, ranked by the sum of each group's two best scores ("top2_sum", V3) or its best one ("max",
+    V2). Returns bool [..., n_experts], True for the experts of the kept groups."""
+    *lead, n = scores.shape
+    grouped = scores.reshape(*lead, n_group, n // n_group)                        # [..., groups, per group]
+    if group_score == "top2_sum":
+        rank = jnp.sum(jax.lax.top_k(grouped, min(2, n // n_group))[0], axis=-1)
+    else:
+        rank = jnp.max(grouped, axis=-1)                                           # [..., groups]
+    kept = jax.lax.top_k(rank, topk_group)[1]                                      # [..., topk_group]
+    chosen = jnp.sum(jax.nn.one_hot(kept, n_group, dtype=jnp.int32), axis=-2) > 0  # [..., groups]
+    return jnp.repeat(chosen, n // n_group, axis=-1)
+
+
+def sigmoid_topk(x: jax.Array, router_w: jax.Array, config: ModelConfig, disabled: jax.Array | None) -> Routing:
+    """Sigmoid scores with a selection-only bias (DeepSeek-V3's "auxiliary-loss-free load balancing",
+    Wang et al. 2024; also GLM-4.5 and MiniMax-M2): each expert's score is sigmoid(x @ W_router), an
+    independent gate rather than a share of one softmax. A learned per-expert bias (`score_bias`, the
+    checkpoints' `e_score_correction_bias`), adjusted during training to even out expert load, is
+    added to the scores only to *choose* the top_k (within the best `topk_group` of `n_group` groups);
+    the weights applied are the unbiased scores, renormalised to sum to 1 when `norm_topk_prob`, then
+    times `routed_scaling_factor`. Disabled experts can never be chosen."""
+    c = config
+    score_bias = hk.get_parameter("score_bias", [c.n_experts], jnp.float32, init=jnp.zeros)
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    scores = jax.nn.sigmoid(logits)                                                # [b, t, e]
+    choice = scores + score_bias.astype(jnp.float32)
+    if disabled is not None:
+        choice = jnp.where(disabled, -jnp.inf, choice)
+    if c.n_group > 1:
+        choice = jnp.where(group_mask(choice, c.n_group, c.topk_group, "top2_sum"), choice, -jnp.inf)
+    experts = jax.lax.top_k(choice, c.top_k)[1]                                    # [b, t, k]
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if c.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return Routing(experts.astype(jnp.int32), weights * c.routed_scaling_factor, logits)
+
+
 #: config.router -> the router function; a family picks one by name.
-ROUTERS = {"softmax_topk": softmax_topk}
+ROUTERS = {"softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk}
