@@ -113,8 +113,9 @@ def test_switches_share_one_convention(monkeypatch):
 
 
 def test_no_source_file_is_long():
+    # Not XLA's vendored FFI headers (csrc/vendor/, copied unchanged from jaxlib).
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*") if p.suffix in (".py", ".cc", ".h")
-            and (n := len(p.read_text().splitlines())) > 420}
+            and "vendor" not in p.parts and (n := len(p.read_text().splitlines())) > 420}
     assert long == {}
 
 

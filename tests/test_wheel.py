@@ -1,11 +1,12 @@
 """A non-editable install works on its own: the wheel carries the kernels' C++ headers, the bundled
-model and the training corpus, and `moe generate` from it runs offline with the CPU kernels on.
+model and the training corpus, and `moe generate` from it runs offline with the CPU kernels on —
+the ones `pip` built at install time, so nothing is compiled on first use.
 
 The checkout's `weights/` and `data/` must not leak in: the wheel is installed into a fresh venv
 outside the checkout and run from an empty folder, with a fresh cache and HOME. The venv sees the
 environment's site-packages (jax, haiku and the rest are not installed again), so the test also
 checks that `moecli` itself is imported from the venv, not from the editable install there.
-One wheel build per session; the kernel build from the installed sources is most of the time.
+One wheel build per session; the install-time kernel build is most of the time.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".venv",
-                                     ".pytest_cache")
+                                     ".pytest_cache", "prebuilt")
 #: The files a wheel must carry besides the Python modules: {path in the checkout: path in the wheel}.
 SHIPPED = {
     **{str(p.relative_to(ROOT)): str(p.relative_to(ROOT))
@@ -124,7 +125,15 @@ def test_moe_generate_from_the_wheel_runs_offline_with_the_cpu_kernels(installed
                   "--temperature", "0", "--verbose"], cwd=tmp / "cwd", env=outside_env(tmp))
     assert result.stdout.strip(), result.stderr
     assert "CPU kernels: on" in result.stderr, result.stderr
-    assert list((tmp / "cache" / "kernels").glob("cpu_kernels-*.so")), "the kernels were not built from the wheel"
+    assert not list((tmp / "cache").glob("kernels/*.so")), "the kernels were built on first use, not at install time"
+
+
+@pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")),
+                    reason="the CPU kernels need a C++ compiler")
+def test_the_wheel_carries_kernels_built_at_install_time(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        built = [n for n in archive.namelist() if n.startswith("moecli/kernels/cpu/prebuilt/cpu_kernels-native-")]
+    assert len(built) == 1 and built[0].endswith(".so")
 
 
 def test_an_editable_install_reads_the_checkouts_model_and_corpus(source, tmp_path):
@@ -136,3 +145,5 @@ def test_an_editable_install_reads_the_checkouts_model_and_corpus(source, tmp_pa
     assert Path(model).resolve() == checkout / "weights" / "bardmoe"
     assert Path(archive).resolve() == checkout / "data" / "shakespeare.tar.xz"
     assert int(works) == 41
+    if os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"):  # built into the checkout's package
+        assert list((checkout / "moecli" / "kernels" / "cpu" / "prebuilt").glob("cpu_kernels-native-*.so"))

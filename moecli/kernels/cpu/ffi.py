@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels for the MoE experts and attention, compiled on first use, called from jitted code.
+"""Hand-written CPU kernels for the MoE experts and attention, compiled at install time (or on first use), called from jitted code.
 
 XLA:CPU is fast at one large matrix product but slow where a MoE model spends its time:
 - decoding (csrc/cpu_kernels.cc): it copies a dynamically chosen expert's weights before
@@ -24,10 +24,12 @@ and `experts_q`: decoding reads the packed bytes in place and scales each group'
 registers (csrc/quant_matvec.h); prompts dequantize while packing the matrix engine's panels
 (csrc/quant_pack.h), so they run on the same float32 / AVX512-BF16 / AMX engine as bfloat16.
 
-The shared library is built with the system C++ compiler ($CXX, else g++ or c++) into moecli's
-cache folder the first time it is needed (~15 s), keyed by the sources, the jaxlib version, the CPU
-and the flags. No compiler, a failed build or MOECLI_CPU_KERNELS=0: moecli runs the pure-JAX paths
-instead (`status()` says why), slower but the same numbers up to float32 rounding.
+The shared library is built with the system C++ compiler ($CXX, else g++ or c++) by `pip install`
+(setup.py; the library then ships inside the package), or else into moecli's cache folder the first
+time it is needed (~15 s); either way it is keyed by the sources, jaxlib's FFI headers, the CPU, the
+compiler and the flags (`moecli.kernels.cpu.build`). No compiler, a failed build or
+MOECLI_CPU_KERNELS=0: moecli runs the pure-JAX paths instead (`status()` says why), slower but the
+same numbers up to float32 rounding.
 
 What it is compiled for is chosen per process by MOECLI_CPU_ISA (`ISAS`): `native` (the default,
 -march=native: AVX-512, AVX512-BF16 and AMX where this CPU has them) or `avx2` (-march=haswell:
@@ -41,12 +43,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
@@ -55,25 +52,12 @@ import numpy as np
 
 from moecli import env
 from moecli.errors import UsageError
+from moecli.kernels.cpu import build
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cc"))
-HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _why_not: str | None = None
 _library: ctypes.CDLL | None = None
 
-
-def _cpu_signature() -> str:
-    """What -march=native compiles for: the CPU model and flags (a cache shared by machines must
-    not hand one CPU's binary to another)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-#: MOECLI_CPU_ISA's values: the target flags of each build.
-ISAS = {"native": ["-march=native", "-mprefer-vector-width=512"], "avx2": ["-march=haswell"]}
+ISAS = build.ISAS
 AVX2_FLAGS = ("avx2", "fma", "f16c")  # what -march=haswell code needs of the CPU (/proc/cpuinfo's names)
 
 
@@ -91,28 +75,20 @@ def build_isa() -> str:
 
 def supports_avx2() -> bool:
     """Whether this CPU runs -march=haswell code (AVX2, FMA, F16C)."""
-    flags = next((line.split(":", 1)[1].split() for line in _cpu_signature().splitlines()
+    flags = next((line.split(":", 1)[1].split() for line in build.cpu_signature().splitlines()
                   if line.startswith("flags")), [])
     return all(flag in flags for flag in AVX2_FLAGS)
 
 
-def _compiler_and_flags() -> tuple[str, list[str]]:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-    flags = ["-O3", "-DNDEBUG", *ISAS[build_isa()], "-std=c++17", "-fPIC", f"-I{jax.ffi.include_dir()}"]
-    return compiler, flags
-
-
 def library_path() -> Path:
-    """Where the library for these sources, this jaxlib, this CPU, compiler and MOECLI_CPU_ISA is
-    (or will be) built."""
+    """The library for these sources, this jaxlib's FFI headers, this CPU, compiler and
+    MOECLI_CPU_ISA: the one `pip install` built into the package when it matches (`build.PREBUILT`),
+    else where it is (or will be) built in moecli's cache folder."""
     from moecli.runtime import cache_dir
 
-    compiler, flags = _compiler_and_flags()
-    key = hashlib.sha256("\0".join([*(p.read_text() for p in SOURCES + HEADERS), jax.__version__, _cpu_signature(),
-                                    compiler, *flags]).encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"cpu_kernels-{build_isa()}-{key}.so"
+    name = build.library_name(build_isa(), Path(jax.ffi.include_dir()))
+    prebuilt = build.PREBUILT / name
+    return prebuilt if prebuilt.exists() else cache_dir() / "kernels" / name
 
 
 def is_built() -> bool:
@@ -124,27 +100,9 @@ def is_built() -> bool:
 
 
 def _build() -> Path:
-    """Compile the sources, one process per file in parallel (the ~15 s of a first launch is mostly
-    the compiler), link, and rename into place: two processes building at once both succeed."""
+    """The library, built into the cache folder unless it exists (`build.build`)."""
     library = library_path()
-    if library.exists():
-        return library
-    compiler, flags = _compiler_and_flags()
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-        objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
-
-        def run(args):
-            result = subprocess.run([compiler, *args], capture_output=True, text=True, timeout=600)
-            if result.returncode != 0:
-                raise RuntimeError(f"building the CPU kernels failed: {result.stderr.strip()[-500:]}")
-
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(SOURCES), os.cpu_count() or 1))) as pool:
-            list(pool.map(run, [[*flags, "-c", str(s), "-o", str(o)] for s, o in zip(SOURCES, objects)]))
-        built = Path(tmp) / library.name
-        run([*flags, "-shared", *map(str, objects), "-o", str(built)])
-        built.replace(library)
-    return library
+    return library if library.exists() else build.build(library.parent, build_isa(), Path(jax.ffi.include_dir()))
 
 
 _building: concurrent.futures.Future | None = None
