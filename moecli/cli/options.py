@@ -32,6 +32,17 @@ TemplateVar = typer.Option(None, "--template-var", help="KEY=VALUE passed to the
                                                          "e.g. user_speaker=HAMLET for the bundled model.")
 Context = typer.Option(None, "--context", help="Context window in tokens (capped at the model's maximum, "
                                                 "with a notice) [default: the model's maximum, up to 4096].")
+Reasoning = typer.Option("show", "--reasoning", help="show or hide a reasoning model's reasoning (gpt-oss's "
+                         "analysis channel, <think>): dimmed in chat, on stderr in generate.")
+ReasoningEffort = typer.Option(None, "--reasoning-effort", help="low, medium or high: the chat template's "
+                               "reasoning_effort (gpt-oss) [default: the template's].")
+
+
+def reasoning_vars(variables: dict[str, str], effort: Optional[str]) -> dict[str, str]:
+    """--template-var's variables with --reasoning-effort's `reasoning_effort`, checked."""
+    from moecli.text.reasoning import check_effort
+
+    return {**variables, "reasoning_effort": check_effort(effort)} if effort is not None else variables
 
 
 def sampling(temperature: float, top_p: float, top_k: int, min_p: float, repetition_penalty: float,

@@ -10,6 +10,10 @@ Each reply draws fresh randomness: its index in the session is folded into the s
 (`sampling.reply_key`). A session started without a seed draws one at random and records it in
 its settings, so `/stats` shows it, `/save` writes it and `/load` brings it back: the same seed
 and the same messages replay the same replies.
+
+A reasoning model's reply (`moecli.text.reasoning`: gpt-oss's harmony channels, think tags) is
+kept as its answer (`content`) and its reasoning (`reasoning`); the chat template renders earlier
+turns from the answer alone, as these formats require.
 """
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moecli.inference.text import GenerationStats, context_full_note, context_window, stream_tokens_as_text
+from moecli.inference.text import GenerationStats, context_full_note, context_window, stream_segments
 from moecli.text.chat_template import PLAIN_STOP_STRINGS, chat_template_for, encode_chat
 from moecli.inference.engine import Model
 from moecli.errors import MoecliError, UsageError
 from moecli.inference.decoder import Decoder
 from moecli.inference.sampling import SamplingParams
+from moecli.text.reasoning import ANSWER, PLAIN, REASONING, Segment, reasoning_format
 from moecli.text.tokenizer import Tokenizer
 
 SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int,
@@ -60,6 +65,7 @@ class ChatSession:
         self.messages: list[dict] = []
         _, fallback = chat_template_for(tokenizer)
         self.stop = tuple(stop) + (PLAIN_STOP_STRINGS if fallback else ())
+        self.format = PLAIN if fallback else reasoning_format(tokenizer)  # how replies mark reasoning
         self.decoder = Decoder(model, max_len=context_window(model, context))
         self.decoder.capture_routing = any(model.config.moe_layers)  # for /experts
         self.last_stats = GenerationStats()
@@ -73,7 +79,7 @@ class ChatSession:
     # -- the conversation ------------------------------------------------------------------------
     def full_messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + [{k: v for k, v in m.items() if k in ("role", "content")} for m in self.messages]
+        return system + [{k: v for k, v in m.items() if k in ("role", "content", "reasoning")} for m in self.messages]
 
     def prompt_ids(self) -> list[int]:
         """The conversation's tokens; drops the oldest turns (with a notice) until a reply fits."""
@@ -97,8 +103,16 @@ class ChatSession:
         return ids
 
     def reply(self, text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
-        """Add the user's message and stream the assistant's reply. The reply is recorded even if
-        the stream is interrupted (marked "interrupted") or fails (marked "error")."""
+        """Add the user's message and stream the assistant's answer (`reply_segments` without the
+        reasoning)."""
+        for kind, piece in self.reply_segments(text, should_stop):
+            if kind == ANSWER:
+                yield piece
+
+    def reply_segments(self, text: str, should_stop: Callable[[], bool] = lambda: False) -> Iterator[Segment]:
+        """Add the user's message and stream the assistant's reply as (REASONING or ANSWER, text)
+        segments. The reply is recorded even if the stream is interrupted (marked "interrupted") or
+        fails (marked "error")."""
         if not text.strip():
             raise UsageError("empty message", "type something, or /help for the commands")
         self.messages.append({"role": "user", "content": text})
@@ -109,16 +123,17 @@ class ChatSession:
             raise
         reuse = min(common_prefix(self.decoder.ids, ids), len(ids) - 1)  # feed at least one token
         self.decoder.rewind(reuse)
-        pieces, self.last_stats = [], GenerationStats()
+        pieces, self.last_stats = {ANSWER: [], REASONING: []}, GenerationStats()
         budget = min(self.max_tokens, self.decoder.max_len - len(ids))
         message = {"role": "assistant", "content": ""}
         index, self.replies = self.replies, self.replies + 1
         try:
-            for piece in stream_tokens_as_text(self.decoder, self.tokenizer, ids[reuse:], self.params, budget,
-                                               self.stop, self.last_stats, should_stop, reply=index):
-                pieces.append(piece)
+            for kind, piece in stream_segments(self.decoder, self.tokenizer, ids[reuse:], self.params, self.format,
+                                               budget, self.stop, self.last_stats, should_stop, reply=index,
+                                               parser=self.format.start(self.tokenizer, ids)):
+                pieces[kind].append(piece)
                 self.reply_span = (len(ids), self.decoder.pos)
-                yield piece
+                yield kind, piece
             if self.last_stats.stopped_by == "interrupted":
                 message["interrupted"] = True
         except BaseException:
@@ -126,7 +141,9 @@ class ChatSession:
             self.decoder.reset()  # the cache may be mid-update: rebuild it from the messages next turn
             raise
         finally:
-            message["content"] = "".join(pieces).strip()
+            message["content"] = "".join(pieces[ANSWER]).strip()
+            if "".join(pieces[REASONING]).strip():
+                message["reasoning"] = "".join(pieces[REASONING]).strip()
             self.messages.append(message)
         self.last_stats.reused_tokens = reuse
 

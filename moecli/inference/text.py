@@ -27,6 +27,8 @@ from moecli.errors import UsageError
 from moecli.inference.decoder import Decoder, bucket
 from moecli.runtime import enable_compilation_cache
 from moecli.inference.sampling import SamplingParams
+from moecli.text.reasoning import (ANSWER, PLAIN, Parser, ReasoningFormat, Segment, partial_suffix,
+                                   reasoning_format, split_stream)
 from moecli.text.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -96,7 +98,7 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict] | list[int], chat_
                template_vars: dict | None = None) -> list[int]:
     """Token ids for raw text, for chat messages rendered with the checkpoint's template (with
     extra template variables, e.g. the bundled model's `user_speaker`), or token ids as they are."""
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+    if _are_ids(prompt):
         if not prompt:
             raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
         return list(prompt)
@@ -121,7 +123,7 @@ class StopStrings:
         if cut >= 0:
             self.hit, out, self.pending = True, self.pending[:cut], ""
             return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        keep = partial_suffix(self.pending, self.stops)
         out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
         return out
 
@@ -133,16 +135,18 @@ class StopStrings:
 def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
                           max_tokens: int | None = None, stop: tuple[str, ...] = (),
                           stats: GenerationStats | None = None, should_stop=lambda: False,
-                          reply: int = 0) -> Iterator[str]:
+                          reply: int = 0, stop_ids: tuple[int, ...] = (), keep_special: bool = False) -> Iterator[str]:
     """The decoding loop at the text level; shared by `stream_generate` and `moe chat`.
 
     `should_stop()` is polled between tokens (the chat's Ctrl-C handler sets it), so an
     interruption never lands inside a device call and the cache stays consistent. `reply`
-    numbers a chat's replies, for fresh randomness in each (`Decoder.tokens`)."""
+    numbers a chat's replies, for fresh randomness in each (`Decoder.tokens`). `stop_ids` end
+    the reply as eos does (harmony's `<|return|>`, `<|call|>`); `keep_special` keeps special
+    tokens in the text (harmony's channel markers, for `stream_segments`)."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, compiled_before = len(ids), decoder.compile_s
-    detok, stops = tokenizer.incremental_decoder(), StopStrings(stop)
-    eos = tuple(tokenizer.eos_ids) or tuple(decoder.model.config.eos_token_ids)
+    detok, stops = tokenizer.incremental_decoder(skip_special_tokens=not keep_special), StopStrings(stop)
+    eos = (tuple(tokenizer.eos_ids) or tuple(decoder.model.config.eos_token_ids)) + tuple(stop_ids)
     start = last = time.perf_counter()
     compiled_by_first = 0.0  # compile time inside the time to first token
     stats.stopped_by = "max tokens"
@@ -174,6 +178,20 @@ def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int]
     stats.compile_s = decoder.compile_s - compiled_before
     compiled_in_decode = stats.compile_s - compiled_by_first  # e.g. the decode step, after token 1
     stats.decode_s = max(0.0, last - start - stats.ttft_s - compiled_in_decode)
+
+
+def stream_segments(decoder: Decoder, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
+                    fmt: ReasoningFormat = PLAIN, max_tokens: int | None = None, stop: tuple[str, ...] = (),
+                    stats: GenerationStats | None = None, should_stop=lambda: False,
+                    reply: int = 0, parser: Parser | None = None) -> Iterator[Segment]:
+    """`stream_tokens_as_text` split into (REASONING or ANSWER, text) segments by the reply format
+    `fmt` (`moecli.text.reasoning`: harmony channels, think tags, or plain: all answer). `parser`
+    defaults to `fmt`'s, primed with `ids`: pass one primed with the whole prompt when `ids` are
+    only the part the cache does not hold yet."""
+    parser = parser or fmt.start(tokenizer, ids)
+    pieces = stream_tokens_as_text(decoder, tokenizer, ids, params, max_tokens, stop, stats, should_stop, reply,
+                                   stop_ids=fmt.stop_ids, keep_special=fmt.keep_special)
+    yield from split_stream(pieces, parser)
 
 
 def note(text: str) -> None:
@@ -223,12 +241,23 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict]
     """Yield the reply to `prompt` (text, chat messages or token ids) as text pieces. `sampling`:
     temperature, top_p, top_k, min_p, repetition_penalty, seed (`moecli.inference.sampling.SamplingParams`;
     seed=0 by default, so the same call gives the same text; seed=None draws one at random).
-    Pass a `decoder` (from `decoder_for`) to capture routing or mask experts on it."""
+    Pass a `decoder` (from `decoder_for`) to capture routing or mask experts on it. A prompt
+    rendered with a chat template gets only the answer of a reasoning model's reply
+    (`stream_segments` gives the reasoning too)."""
     params = SamplingParams(max_tokens=max_tokens, **sampling)
     params.validate()
     ids = prompt_ids(tokenizer, prompt, chat_template)
     decoder = decoder or decoder_for(model, len(ids), max_tokens, context)
-    yield from stream_tokens_as_text(decoder, tokenizer, ids, params, stop=stop, stats=stats)
+    templated = not _are_ids(prompt) and (not isinstance(prompt, str)
+                                          or bool(chat_template and tokenizer.chat_template))
+    fmt = reasoning_format(tokenizer) if templated else PLAIN
+    for kind, text in stream_segments(decoder, tokenizer, ids, params, fmt, stop=stop, stats=stats):
+        if kind == ANSWER:
+            yield text
+
+
+def _are_ids(prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
 
 
 def generate(model: Model, tokenizer: Tokenizer, prompt: str | list[dict], **kwargs) -> str:

@@ -3,8 +3,10 @@
 Input comes from prompt_toolkit (history in moecli's cache folder; Enter sends, Alt+Enter or
 Esc then Enter inserts a new line, pasted text keeps its newlines); replies stream as Markdown
 through rich, in which a newline stays a line break (a model's verse keeps its lines), or as plain
-text with --no-markdown or `/set markdown off`. Ctrl-C during a reply stops it and keeps what was
-written (marked interrupted); Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves.
+text with --no-markdown or `/set markdown off`; a reasoning model's reasoning is shown dimmed above
+its answer, or hidden (`--reasoning hide`, `/set reasoning hide`; `moecli.cli.reply`). Ctrl-C during
+a reply stops it and keeps what was written (marked interrupted); Ctrl-C at the prompt clears the
+line; Ctrl-D or /exit leaves.
 """
 from __future__ import annotations
 
@@ -17,13 +19,12 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
 from moecli.cli.app import DEBUG, command, report
 from moecli.cli import options as opt
+from moecli.cli.reply import stream_reply
 from moecli.errors import MoecliError, first_line
 
 HELP = """\
@@ -31,7 +32,8 @@ HELP = """\
 /clear                forget the conversation (keeps the system prompt)
 /system TEXT          set the system prompt (empty: remove it)
 /set NAME VALUE       temperature, top_p, top_k, min_p, max_tokens, seed, repetition_penalty;
-                      markdown on|off (off: replies as plain text)
+                      markdown on|off (off: replies as plain text); reasoning show|hide;
+                      reasoning_effort low|medium|high (gpt-oss)
 /stats                statistics of the last reply and the settings
 /experts [layer N]    the last reply coloured by expert (layer N), and the expert load per layer
 /mask LAYER:EXPERT    switch an expert off (tokens are re-routed to the others); /unmask [L:E] undoes
@@ -91,30 +93,11 @@ def make_input(console: Console):
     return lambda: session.prompt(">>> ")
 
 
-CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\n\t")
-
-
-class ReplyMarkdown(Markdown):
-    """Markdown in which every newline is a line break. CommonMark joins the lines of a paragraph
-    (a "soft break" renders as a space), which turns a model's verse or list of lines into run-on
-    text; here soft breaks become hard ones. Code blocks are untouched (their text is literal)."""
-
-    def __init__(self, markup: str, **kwargs):
-        super().__init__(markup, **kwargs)
-        hard_breaks(self.parsed)
-
-
-def hard_breaks(tokens) -> None:
-    for token in tokens:
-        if token.type == "softbreak":
-            token.type = "hardbreak"
-        hard_breaks(token.children or ())
-
-
 @dataclasses.dataclass
 class View:
-    """How replies are shown: as Markdown (with line breaks kept) or as plain text."""
+    """How replies are shown: as Markdown (with line breaks kept) or as plain text; reasoning or not."""
     markdown: bool = True
+    reasoning: bool = True
 
 
 def on_off(name: str, value: str) -> bool:
@@ -123,25 +106,6 @@ def on_off(name: str, value: str) -> bool:
     if value.lower() not in ("on", "off"):
         raise UsageError(f"{name} is on or off, got {value!r}", f"e.g. /set {name} off")
     return value.lower() == "on"
-
-
-def stream_reply(console: Console, pieces, markdown: bool = True) -> str:
-    """Print a streamed reply, as live Markdown on a terminal (unless `markdown` is off) and as
-    plain text otherwise. Control characters a model may emit are not sent to the terminal."""
-    pieces = (piece.translate(CONTROL) for piece in pieces)
-    text = ""
-    if not console.is_terminal or not markdown:
-        for piece in pieces:
-            text += piece
-            console.file.write(piece)
-            console.file.flush()
-        console.file.write("\n")
-        return text
-    with Live(ReplyMarkdown(""), console=console, refresh_per_second=15, vertical_overflow="visible") as live:
-        for piece in pieces:
-            text += piece
-            live.update(ReplyMarkdown(text))
-    return text
 
 
 def stats_table(chat, view: View) -> Table:
@@ -156,6 +120,9 @@ def stats_table(chat, view: View) -> Table:
             ("context used", f"{chat.decoder.pos} / {chat.decoder.max_len}")]
     rows += [(name, str(value)) for name, value in chat.settings().items()]
     rows.append(("markdown", "on" if view.markdown else "off"))
+    rows.append(("reasoning", f"{'show' if view.reasoning else 'hide'} ({chat.format.name} format)"))
+    if "reasoning_effort" in chat.template_vars:
+        rows.append(("reasoning_effort", chat.template_vars["reasoning_effort"]))
     for row in rows:
         table.add_row(*row)
     return table
@@ -197,6 +164,7 @@ def run_command(console: Console, chat, line: str, view: View) -> bool:
     """Handle a /command; returns False to leave the REPL."""
     from moecli.errors import UsageError
     from moecli.inference.conversation import SETTINGS
+    from moecli.text.reasoning import check_shown
 
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -216,8 +184,13 @@ def run_command(console: Console, chat, line: str, view: View) -> bool:
             raise UsageError("usage: /set NAME VALUE", "e.g. /set temperature 0.5")
         if setting == "markdown":  # how replies are shown, not a setting of the conversation
             view.markdown = on_off(setting, value.strip())
+        elif setting == "reasoning":
+            view.reasoning = check_shown(value.strip())
+        elif setting == "reasoning_effort":  # a chat-template variable: the next prompt renders with it
+            chat.template_vars = opt.reasoning_vars(chat.template_vars, value.strip())
         elif setting not in SETTINGS:
-            raise UsageError(f"unknown setting {setting!r}", f"settable: {', '.join([*SETTINGS, 'markdown'])}")
+            raise UsageError(f"unknown setting {setting!r}",
+                             f"settable: {', '.join([*SETTINGS, 'markdown', 'reasoning', 'reasoning_effort'])}")
         else:
             chat.set(setting, value.strip())
         console.print(f"[dim]{escape(setting)} = {escape(value.strip())}[/dim]")
@@ -274,14 +247,17 @@ def chat(
     quantize: Optional[str] = opt.Quantize, template_var: Optional[List[str]] = opt.TemplateVar,
     markdown: bool = typer.Option(True, "--markdown/--no-markdown",
                                   help="Show replies as Markdown (a newline stays a line break), or as plain text."),
+    reasoning: str = opt.Reasoning, reasoning_effort: Optional[str] = opt.ReasoningEffort,
 ) -> None:
     """Chat with a model in an interactive REPL (/help lists the commands)."""
     from moecli.inference.text import load
     from moecli.inference.conversation import ChatSession
     from moecli.errors import UsageError
+    from moecli.text.reasoning import check_shown
 
     params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
-    variables = opt.template_vars(template_var)
+    variables = opt.reasoning_vars(opt.template_vars(template_var), reasoning_effort)
+    show_reasoning = check_shown(reasoning)
     if context is not None and context <= 0:
         raise UsageError(f"the context window must be positive, got --context {context}", "e.g. --context 4096")
     console = Console(highlight=False)
@@ -293,7 +269,7 @@ def chat(
                           notify=lambda text: console.print(f"[yellow]{escape(text)}[/yellow]"))
     console.print(f"[bold]moe chat[/bold] · {source} · context {session.decoder.max_len} tokens · "
                   "/help for commands, Ctrl-D to leave")
-    read, view = make_input(console), View(markdown=markdown)
+    read, view = make_input(console), View(markdown=markdown, reasoning=show_reasoning)
     # Compile while the user types the first message (a first launch's ~10 s; later launches find
     # the programs in the persistent compilation cache). The first reply waits for it if needed.
     warm_up = threading.Thread(target=quietly, args=(session.decoder.precompile, (32, 64)), daemon=True)
@@ -317,7 +293,8 @@ def chat(
                     with console.status("compiling the model, once per model (later launches take ~2 s) ..."):
                         while warm_up.is_alive() and not interrupt.requested:
                             warm_up.join(0.1)
-                stream_reply(console, session.reply(line, should_stop=lambda: interrupt.requested), view.markdown)
+                stream_reply(console, session.reply_segments(line, should_stop=lambda: interrupt.requested),
+                             view.markdown, view.reasoning)
             notice = session.stop_notice()  # [interrupted], or the context window is full
             if notice:
                 console.print(f"[yellow]{escape(notice)}[/yellow]")

@@ -1,7 +1,7 @@
-"""`moe generate`: one prompt in, the reply streamed to stdout."""
+"""`moe generate`: one prompt in, the reply streamed to stdout (a reasoning model's reasoning on
+stderr, or hidden with --reasoning hide: `moecli.cli.reply.write_generated`)."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -32,19 +32,24 @@ def generate(
                                                                               "[default: the last MoE layer]."),
     mask: Optional[List[str]] = typer.Option(None, "--mask", help="Switch expert off, as LAYER:EXPERT; repeatable."),
     template_var: Optional[List[str]] = opt.TemplateVar,
+    reasoning: str = opt.Reasoning, reasoning_effort: Optional[str] = opt.ReasoningEffort,
     quantize: Optional[str] = opt.Quantize, devices: Optional[int] = opt.Devices, coordinator: Optional[str] = opt.Coordinator,
     num_processes: Optional[int] = opt.NumProcesses, process_id: Optional[int] = opt.ProcessId,
 ) -> None:
     """Generate a reply to --prompt and stream it to stdout."""
+    from moecli.cli.reply import write_generated
     from moecli.inference.text import (GenerationStats, context_full_note, decoder_for, load, note, prompt_ids,
-                                       stream_generate)
+                                       stream_segments)
     from moecli.inference.routing import parse_mask
+    from moecli.text.reasoning import PLAIN, check_shown, reasoning_format
 
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty", "pass some text with --prompt (or - to read stdin)")
     params = opt.sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens)
+    variables = opt.reasoning_vars(opt.template_vars(template_var), reasoning_effort)
+    show_reasoning = check_shown(reasoning)
     from moecli.runtime import init_distributed
 
     init_distributed(coordinator, num_processes, process_id)
@@ -53,21 +58,20 @@ def generate(
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if system and not use_template:
         print("note: --system is ignored without a chat template", file=sys.stderr)
-    ids = prompt_ids(tokenizer, messages if use_template else prompt, use_template, opt.template_vars(template_var))
+    ids = prompt_ids(tokenizer, messages if use_template else prompt, use_template, variables)
     decoder = decoder_for(m, len(ids), max_tokens, context)
     decoder.set_expert_mask(parse_mask(mask or [], m.config))
     decoder.capture_routing = bool(routing_json or show_routing)
     stats = GenerationStats()
-    reply = ""
-    for piece in stream_generate(m, tokenizer, ids, stop=tuple(stop or ()), stats=stats,
-                                 decoder=decoder, **dataclasses.asdict(params)):
-        reply += piece
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    fmt = reasoning_format(tokenizer) if use_template else PLAIN
+    reply, thought = write_generated(stream_segments(decoder, tokenizer, ids, params, fmt, stop=tuple(stop or ()),
+                                                     stats=stats), show_reasoning)
+    if thought and not reply.strip() and stats.stopped_by == "max tokens":
+        note("the reply stopped while the model was still reasoning, before its answer; pass a larger --max-tokens")
     if reply.strip() or stats.stopped_by != "eos":
         sys.stdout.write("\n")
         sys.stdout.flush()
-    else:  # a note on stderr, not an empty line on stdout
+    elif not thought:  # a note on stderr, not an empty line on stdout
         note("the model ended its reply at once: a briefly trained model does this; train it longer")
     full = context_full_note(decoder, stats)
     if full:
@@ -123,5 +127,6 @@ def print_stats(stats, model, seed: int | None = None) -> None:
         *([f"seed: {seed} (--seed {seed} repeats this reply)"] if seed is not None else []),
         f"peak memory: host {host:.0f} MB" + (f", device {device:.0f} MB" if device is not None else ""),
         registry.describe(model.ops),
+        *getattr(model, "load_notes", ()),  # tensors the checkpoint holds but moecli does not use
     ]
     print("\n".join(lines), file=sys.stderr)
