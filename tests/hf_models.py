@@ -17,6 +17,12 @@ CONFIGS = {
     "qwen2_moe": transformers.Qwen2MoeConfig,
     "qwen3_moe": transformers.Qwen3MoeConfig,
     "olmoe": transformers.OlmoeConfig,
+    "glm4_moe": transformers.Glm4MoeConfig,
+    "minimax_m2": transformers.MiniMaxM2Config,
+    "gpt_oss": transformers.GptOssConfig,
+    "deepseek_v2": transformers.DeepseekV2Config,        # latent attention: pass num_key_value_heads =
+    "deepseek_v3": transformers.DeepseekV3Config,        # num_attention_heads (transformers repeats the
+    "glm4_moe_lite": transformers.Glm4MoeLiteConfig,     # expanded heads by their ratio)
 }
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
@@ -36,7 +42,9 @@ def build(model_type: str, seed: int = 0, **overrides) -> transformers.PreTraine
 
 def redraw(model: torch.nn.Module, seed: int) -> None:
     """Weights ~ N(0, 1/fan_in) (unit-scale activations), routers 4x that (decisive top-k),
-    norms 1 ± 0.2, biases ± 0.2, embeddings N(0, 1)."""
+    norms 1 ± 0.2, biases ± 0.2, embeddings N(0, 1); the routers' selection bias (a buffer,
+    `e_score_correction_bias`: GLM-4.5, MiniMax-M2, DeepSeek-V3) ± 0.5, enough to change choices;
+    gpt-oss's attention sinks N(0, 1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -48,9 +56,14 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 std = 1 / math.sqrt(p.shape[-1])
-                if name.endswith("gate.weight") and "proj" not in name:
+                if (name.endswith("gate.weight") and "proj" not in name) or name.endswith("router.weight"):
                     std *= 4  # router (and shared-expert gate)
+                if name.endswith("self_attn.sinks"):
+                    std = 1.0  # gpt-oss's attention sinks: logits as large as the scores'
                 p.copy_(std * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.5 * torch.randn(b.shape, generator=gen))
 
 
 def save(model, folder: Path, **kwargs) -> Path:

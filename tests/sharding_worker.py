@@ -5,6 +5,8 @@ import os
 import sys
 
 mode, folder, out = sys.argv[1], sys.argv[2], sys.argv[3]
+# devices mode: optionally the device counts to compare, e.g. "1,2" (default: 1, 2, 4 and 8)
+COUNTS = tuple(int(n) for n in sys.argv[4].split(",")) if mode == "devices" and len(sys.argv) > 4 else (1, 2, 4, 8)
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 if mode == 'multihost' else 8}"
 
 import jax  # noqa: E402
@@ -16,14 +18,14 @@ if mode == "devices":
     from moecli import generate_tokens, load_model
 
     result = {}
-    for n in (1, 2, 4, 8):
+    for n in COUNTS:
         model = load_model(folder, dtype="float32", devices=n)
         logits = np.asarray(model(IDS))
         per_device = {}
         for leaf in jax.tree_util.tree_leaves(model.params):
             for shard in leaf.addressable_shards:
                 per_device[str(shard.device)] = per_device.get(str(shard.device), 0) + shard.data.nbytes
-        w = model.params["transformer/layer_0/moe"]["w_gate"]
+        w = next(g["w_gate"] for m, g in model.params.items() if m.endswith("/moe"))  # the first MoE layer's
         result[n] = dict(logits=logits.tolist(), greedy=generate_tokens(model, IDS[0, :5], 12),
                          expert_shard_shapes=[list(s.data.shape) for s in w.addressable_shards],
                          devices_used=len(per_device), bytes_per_device=sorted(per_device.values()))

@@ -14,6 +14,7 @@ from moecli import load_model
 from moecli.checkpoints.families import load_config
 from moecli.errors import CheckpointError, ConfigError
 from moecli.checkpoints.families import config_from_hf
+from moecli.model.sizes import parameter_counts
 
 MIXTRAL = dict(model_type="mixtral", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
@@ -109,7 +110,7 @@ def test_parameter_counts_match_transformers():
                            ("olmoe", dict(num_experts=4))]:
         hf = build(model_type, **kw)
         ours = config_from_hf(hf.config.to_dict())
-        assert ours.parameter_counts()[0] == sum(p.numel() for p in hf.parameters()), model_type
+        assert parameter_counts(ours).total == sum(p.numel() for p in hf.parameters()), model_type
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])  # C copy, C widening, numpy

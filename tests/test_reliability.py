@@ -465,8 +465,9 @@ def test_the_disk_filling_during_a_download(fake, repo_files, tmp_path, monkeypa
 def test_too_little_memory_is_refused_before_loading(plain, monkeypatch):
     from moecli.checkpoints import loader as checkpoint
     from moecli.checkpoints.families import load_config
+    from moecli.model.sizes import parameter_counts
 
-    f32 = load_config(plain).parameter_counts()[0] * 4
+    f32 = parameter_counts(load_config(plain)).total * 4
     gpu = checkpoint.FreeMemory(f32 // 2 + 1000, "on cuda:0 (Fake GPU)", True)  # room for bfloat16, not float32
     monkeypatch.setattr(checkpoint, "available_memory", lambda: gpu)
     line = one_line_error(generate(plain, "--dtype", "float32"), "the weights need", "in float32 but only",

@@ -123,9 +123,10 @@ def read_bandwidth_gb_s(gigabytes: float = 1.0) -> float:
 
 def decode_floor(config, itemsize: int, bandwidth_gb_s: float) -> dict:
     """Batch-1 decoding reads every active weight once per token (the embedding table only one
-    row), so tok/s <= bandwidth / active bytes."""
-    _, active = config.parameter_counts()
-    active_bytes = (active - config.vocab_size * config.d_model * (0 if config.tie_embeddings else 1)) * itemsize
+    row, which `parameter_counts` leaves out of `active`), so tok/s <= bandwidth / active bytes."""
+    from moecli.model.sizes import parameter_counts
+
+    active_bytes = parameter_counts(config).active * itemsize
     return dict(bandwidth_gb_s=bandwidth_gb_s, active_gb_per_token=active_bytes / 1e9,
                 decode_floor_tok_s=bandwidth_gb_s * 1e9 / active_bytes)
 

@@ -15,11 +15,13 @@ import jax
 import numpy as np
 
 from moecli import env
+from moecli.model import quant
 from moecli.model.config import ModelConfig
 from moecli.errors import QUANTIZED_HINT, CheckpointError, ResourceError
 from moecli.model.sizes import parameter_shapes, weight_bytes
-from moecli.checkpoints import compressed_tensors
-from moecli.checkpoints.families import checkpoint_tensors, read_config_json
+from moecli.checkpoints import compressed_tensors, fp8
+from moecli.checkpoints import mxfp4 as mxfp4_checkpoint
+from moecli.checkpoints.families import checkpoint_tensors, ignored_tensors, read_config_json
 from moecli.checkpoints.placement import Placer
 from moecli.checkpoints.quantized import Packed, combine
 from moecli.checkpoints.safetensors import FLOAT_DTYPES, IGNORED_SUFFIXES, iter_tensors, safetensors_files
@@ -77,21 +79,35 @@ def check_memory(config: ModelConfig, dtype, n_devices: int = 1) -> None:
                         f"{free.where}", "use " + ", or ".join(fixes) + " (MOECLI_NO_MEMORY_CHECK=1 skips this check)")
 
 
-def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> dict:
+def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None, notes: list[str] | None = None) -> dict:
     """Read the checkpoint in `folder` into a Haiku parameter tree of `dtype` arrays, placed on
     the default device or, with a mesh, spread over its devices (`moecli.checkpoints.placement`).
     With `config.quant`, the weights it covers are quantized as they are read (or kept as a quantized
-    checkpoint has them)."""
+    checkpoint has them). What was knowingly left out (a family's `ignored_tensors`) is appended to
+    `notes`, for `moe generate --verbose`."""
     check_memory(config, dtype, 1 if mesh is None else mesh.devices.size)
     table = checkpoint_tensors(config)
     shapes = parameter_shapes(config)
     placer = Placer(shapes, dtype, mesh, config.quant)
 
-    scheme = compressed_tensors.parse_config(read_config_json(folder))
-    stream = iter_tensors(safetensors_files(folder), quantized=scheme is not None)
+    hf = read_config_json(folder)
+    scheme = compressed_tensors.parse_config(hf)
+    skipped = ignored_tensors(config, hf)  # e.g. multi-token-prediction layers
+    files, block_fp8 = safetensors_files(folder), fp8.parse_config(hf)
+    if block_fp8 is not None:  # block-FP8: each weight dequantized into the model's dtype as it is read
+        stream = fp8.read(files, block_fp8, placer.dtype, skipped)
+    elif mxfp4_checkpoint.parse_config(hf):  # MXFP4 experts: their blocks and scales kept packed
+        stream = mxfp4_checkpoint.combine(iter_tensors(files, quantized=mxfp4_checkpoint.STORED))
+    else:
+        stream = iter_tensors(files, quantized=scheme is not None)
+    not_loaded: dict[str, int] = {}  # per ignored prefix, how many tensors it skipped
     for name, tensor in stream if scheme is None else combine(stream, scheme):
         spec = table.get(name)
         if spec is None:
+            if name.startswith(skipped):  # declared unused by the family: counted for the note
+                prefix = next(p for p in skipped if name.startswith(p))
+                not_loaded[prefix] = not_loaded.get(prefix, 0) + 1
+                continue
             if name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and config.tie_embeddings):
                 continue
             raise CheckpointError(f"unexpected tensor {name} in the checkpoint",
@@ -103,11 +119,15 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> di
             for t in spec.targets:
                 placer.put(t.module, t.param, t.expert, tensor)
             continue
+        if isinstance(tensor, mxfp4_checkpoint.PackedMXFP4):   # MXFP4 experts, standing for [e, in, out]
+            for t in spec.targets:
+                placer.put(t.module, t.param, t.expert, mxfp4_checkpoint.select(tensor, t))
+            continue
         if tensor.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name} has dtype {tensor.dtype}: quantized and non-float checkpoints "
                                   "are not supported", QUANTIZED_HINT)
         for t in spec.targets:
-            part = tensor if t.rows is None else tensor[..., t.rows[0]:t.rows[1], :]
+            part = t.select(tensor)
             part = np.swapaxes(part, -1, -2) if t.transpose else part
             if t.expert is None:  # a whole parameter (fused experts included)
                 placer.whole(t.module, t.param, part)
@@ -115,7 +135,7 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> di
                 placer.expert(t.module, t.param, t.expert, part)
         del tensor
 
-    logical = {(module, param.removesuffix("_q").removesuffix("_scale") if placer.quant else param)
+    logical = {(module, quant.float_name(param) if placer.quant else param)
                for module, group in shapes.items() for param in group}
     for module, param in sorted(logical):
         if not placer.done(module, param):
@@ -124,6 +144,10 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None) -> di
                              or table_targets(table, module, param, None))[0]
             raise CheckpointError(f"tensor {hf_name} (shape {spec.shape}) is missing from the checkpoint",
                                   "the download is incomplete or the weights belong to another model")
+    if not_loaded and notes is not None:
+        notes.append("not loaded: " + ", ".join(f"{n} tensors of {prefix}*" for prefix, n in not_loaded.items())
+                     + f" (the {config.family} family declares them unused, as multi-token-prediction layers"
+                       " for speculative decoding, which moecli does not do)")
     return placer.params
 
 

@@ -10,6 +10,8 @@ each process keeps only the experts of its own devices.
 With `quantization` (a QuantConfig: `--quantize`, or a quantized checkpoint's), each parameter `moecli.model.quant.bits_for` names is quantized as
 it arrives — a whole tensor, or one expert's slice — and placed as its two parameters `{param}_q`
 and `{param}_scale`: host memory holds the quantized model plus the one tensor being read.
+MXFP4 experts (gpt-oss, `moecli.model.mxfp4`) are placed as the checkpoint packs them, `{param}_blocks`
+and `{param}_scales`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from moecli.model import quant
+from moecli.checkpoints import mxfp4 as mxfp4_checkpoint
+from moecli.model import mxfp4, quant
 from moecli.model.sharding import partition_spec, sharding_for
 
 
@@ -34,6 +37,10 @@ class Placer:
         """How many bits (module, param) is stored in (0: the float dtype)."""
         return quant.bits_for(f"{module}/{param}", self.quant) if self.quant else 0
 
+    def mxfp4(self, module: str, param: str) -> bool:
+        """Whether (module, param) is kept as MXFP4 (`quant.is_mxfp4`)."""
+        return quant.is_mxfp4(f"{module}/{param}", self.quant)
+
     def put(self, module: str, param: str, expert: int | None, array) -> None:
         """A whole parameter (expert None) or one expert's slice of a stacked one."""
         if expert is None:
@@ -45,7 +52,14 @@ class Placer:
         """The parameters a tensor becomes, with their dtypes: a float tensor itself in the model's
         dtype, or its quantized pair (integers, float16 scales) as `quant.quantize` makes them; a
         quantized checkpoint's matrix (`Packed`) as it is, where it has the bits and group size
-        this parameter is kept in, else dequantized first."""
+        this parameter is kept in, else dequantized first. An MXFP4 parameter takes a checkpoint's
+        MXFP4 arrays as they are (a float tensor is rounded to MXFP4); MXFP4 arrays for a parameter kept
+        in another format (`--quantize`) are dequantized first."""
+        if self.mxfp4(module, param):
+            w = array if isinstance(array, mxfp4.MXFP4Weight) else mxfp4.quantize(array)
+            return [(f"{param}{suffix}", part, np.uint8) for suffix, part in zip(mxfp4.SUFFIXES, w)]
+        if isinstance(array, mxfp4.MXFP4Weight):
+            array = mxfp4_checkpoint.dequantize(array)
         bits = self.bits(module, param)
         if hasattr(array, "scale"):  # a Packed matrix (moecli.checkpoints.quantized)
             if bits == array.bits and array.group == quant.group_size(array.shape[1], bits, self.quant.group):
@@ -107,6 +121,8 @@ class Placer:
         return all(name in self.params[module] for name in self.names(module, param))
 
     def names(self, module: str, param: str) -> tuple[str, ...]:
+        if self.mxfp4(module, param):
+            return tuple(f"{param}{suffix}" for suffix in mxfp4.SUFFIXES)
         return (f"{param}_q", f"{param}_scale") if self.bits(module, param) else (param,)
 
     def first_missing_expert(self, module: str, param: str) -> int:

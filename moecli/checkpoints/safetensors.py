@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +59,22 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 SAFETENSORS_INTS = {"I32": np.dtype(np.int32), "I8": np.dtype(np.int8), "I64": np.dtype(np.int64)}
 
 
-def check_dtypes(path: Path, header: dict, quantized: bool = False) -> None:
+def extra_dtypes(quantized: bool | Mapping[str, np.dtype]) -> dict[str, np.dtype]:
+    """The safetensors codes read besides the floats: none (False), compressed-tensors' integers (True),
+    or the codes a format names ({code: numpy dtype}, e.g. `moecli.checkpoints.fp8.STORED`)."""
+    return {} if not quantized else dict(SAFETENSORS_INTS) if quantized is True else dict(quantized)
+
+
+def check_dtypes(path: Path, header: dict, quantized: bool | Mapping[str, np.dtype] = False) -> None:
     """CheckpointError naming the first tensor of a safetensors header that moecli cannot load: a quantized
     one (int8, packed int4, float8, float4, ...) or another non-float (float64, bool). With `quantized`
-    (config.json names a format moecli reads, `moecli.checkpoints.compressed_tensors`), integers too."""
+    (config.json names a format moecli reads, `moecli.checkpoints.compressed_tensors`), integers too, or
+    the codes `quantized` maps (`extra_dtypes`)."""
+    extra = extra_dtypes(quantized)
     for name, info in header.items():
         dtype = info["dtype"] if name != "__metadata__" else None
         if (dtype is None or dtype in SAFETENSORS_FLOATS or name.endswith(IGNORED_SUFFIXES)
-                or quantized and dtype in SAFETENSORS_INTS):
+                or dtype in extra):
             continue
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {name} in {path.name} has an unknown dtype {dtype[:20]!r}",
@@ -78,7 +86,8 @@ def check_dtypes(path: Path, header: dict, quantized: bool = False) -> None:
                               "checkpoints are not supported", QUANTIZED_HINT)
 
 
-def iter_tensors(files: list[Path], quantized: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+def iter_tensors(files: list[Path], quantized: bool | Mapping[str, np.dtype] = False
+                 ) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every float tensor of every file, one at a time, in file order.
 
     Every file's header is checked first (complete, well formed, float dtypes only), so a truncated
@@ -91,7 +100,7 @@ def iter_tensors(files: list[Path], quantized: bool = False) -> Iterator[tuple[s
         header, _ = check_safetensors(path)
         check_dtypes(path, header, quantized)
         headers.append(header)
-    readable = {**SAFETENSORS_FLOATS, **(SAFETENSORS_INTS if quantized else {})}
+    readable = {**SAFETENSORS_FLOATS, **extra_dtypes(quantized)}
 
     for path, header in zip(files, headers):
         tensors = sorted(((info["data_offsets"], name, info) for name, info in header.items()

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from rich.table import Table
 
-from moecli.checkpoints import compressed_tensors
+from moecli.checkpoints import compressed_tensors, fp8
 from moecli.checkpoints.families import load_config, read_config_json
+from moecli.checkpoints.stored_size import StoredWeights, stored_weights
 from moecli.checkpoints.safetensors import INDEX, SAFETENSORS_DTYPES, check_dtypes, check_safetensors, safetensors_files
 from moecli.errors import CheckpointError
 from moecli.hub.progress import human_bytes, human_count
+from moecli.model.sizes import ACTIVE_CONVENTION, parameter_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,10 +27,11 @@ class CheckpointSummary:
     experts: int
     top_k: int
     total_params: int
-    active_params: int      # per token: top_k experts per MoE layer
+    active_params: int      # per token: top_k experts per MoE layer (`ACTIVE_CONVENTION`)
     dtype: str              # most of the weight bytes, e.g. "bfloat16"
     size_bytes: int         # the safetensors files on disk
     shards: int
+    weights: StoredWeights  # the weights' bytes as stored, from config.json (`moecli.checkpoints.stored_size`)
 
 
 def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
@@ -45,9 +48,13 @@ def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
     dtype_bytes: collections.Counter[str] = collections.Counter()
     names_by_file: dict[str, set[str]] = {}
     size = 0
+    block_fp8 = fp8.parse_config(hf_config)
+    readable = fp8.STORED if block_fp8 else compressed_tensors.parse_config(hf_config) is not None
+    if block_fp8:
+        fp8.check_headers(fp8.merged_headers(files), block_fp8)  # every FP8 weight has its block scales
     for path in files:
         header, _ = check_safetensors(path)
-        check_dtypes(path, header, quantized=compressed_tensors.parse_config(hf_config) is not None)
+        check_dtypes(path, header, quantized=readable)
         size += path.stat().st_size
         names_by_file[path.name] = {k for k in header if k != "__metadata__"}
         for name, info in header.items():
@@ -63,17 +70,21 @@ def validate_checkpoint(folder: str | Path) -> CheckpointSummary:
 
     architectures = hf_config.get("architectures") or []
     arch = f"{config.family} ({architectures[0]})" if architectures else config.family
-    total, active = config.parameter_counts()
+    total, active, _ = parameter_counts(config)
     dtype = dtype_bytes.most_common(1)[0][0] if dtype_bytes else "?"
     return CheckpointSummary(
         folder=folder, architecture=arch, layers=config.n_layers, experts=config.n_experts,
         top_k=config.top_k, total_params=total, active_params=active,
-        dtype=stored_as(hf_config, SAFETENSORS_DTYPES.get(dtype, dtype.lower())), size_bytes=size, shards=len(files))
+        dtype=stored_as(hf_config, SAFETENSORS_DTYPES.get(dtype, dtype.lower())), size_bytes=size,
+        shards=len(files), weights=stored_weights(config, hf_config))
 
 
 def stored_as(hf_config: dict, dtype: str) -> str:
     """How the weights are stored: a float dtype, or a quantized checkpoint's scheme."""
     scheme = compressed_tensors.parse_config(hf_config)
+    block_fp8 = fp8.parse_config(hf_config)
+    if block_fp8 is not None:
+        return f"{block_fp8.label()} (float8_e4m3fn, a scale per block; dequantized at load)"
     if scheme is None:
         return dtype
     group = f"groups of {scheme.group_size}" if scheme.group_size else "per channel"
@@ -90,7 +101,8 @@ def summary_table(summary: CheckpointSummary) -> Table:
     table.add_row("Layers", str(summary.layers))
     table.add_row("Experts", f"{summary.experts} ({summary.top_k} active per token)")
     table.add_row("Parameters", f"{human_count(summary.total_params)} total, "
-                                f"{human_count(summary.active_params)} active per token")
+                                f"{human_count(summary.active_params)} active per token ({ACTIVE_CONVENTION})")
     table.add_row("Weights", f"{summary.dtype}, {summary.shards} safetensors file"
                              f"{'s' if summary.shards != 1 else ''}, {human_bytes(summary.size_bytes)} on disk")
+    table.add_row("Weight bytes", f"{summary.weights.describe()} as stored (from config.json)")
     return table

@@ -45,8 +45,10 @@ class Model:
     `ops` are the backend's implementations of the model's operations, chosen once here
     (`moecli.kernels.registry.select`) unless given; `model.ops.name` says which."""
 
-    def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None, ops: Ops | None = None):
+    def __init__(self, config: ModelConfig, params: dict, source: str = "", mesh=None, ops: Ops | None = None,
+                 load_notes: tuple[str, ...] = ()):
         self.config, self.params, self.source, self.mesh = config, params, source, mesh
+        self.load_notes = load_notes  # what loading left out on purpose (`load_params`), for --verbose
         self.ops = ops = ops or registry.select()
         # The weights' float dtype, read off the embeddings: with quantized weights most leaves are
         # integers or float16 scales, and the first leaf may be one of them.
@@ -76,7 +78,7 @@ class Model:
 
     def with_config(self, **changes) -> "Model":
         """The same weights under changed settings, e.g. `with_config(capacity_factor=1.25)`."""
-        return Model(self.config.replace(**changes), self.params, self.source, self.mesh, self.ops)
+        return Model(self.config.replace(**changes), self.params, self.source, self.mesh, self.ops, self.load_notes)
 
     @functools.cached_property
     def n_params(self) -> int:
@@ -108,4 +110,6 @@ def load_model(path: str | Path, dtype: str = "auto", capacity_factor: float = 0
     if quantize:
         config = config.replace(quant=quant_config(quantize))
     mesh = make_mesh(config, devices)
-    return Model(config, load_params(path, config, resolve_dtype(dtype), mesh), source=str(path), mesh=mesh)
+    notes: list[str] = []
+    params = load_params(path, config, resolve_dtype(dtype), mesh, notes)
+    return Model(config, params, source=str(path), mesh=mesh, load_notes=tuple(notes))

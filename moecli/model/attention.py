@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from moecli.model.cache import KVCache
 from moecli.model.config import ModelConfig
 from moecli.model.linear import Linear
+from moecli.model.mla import LatentCache, MultiHeadLatentAttention
 from moecli.model.norms import norm
 from moecli.model.ops import Ops
 from moecli.model.rope import apply_rope, rope_frequencies
@@ -24,7 +25,10 @@ class GroupedQueryAttention(hk.Module):
     (Shazeer 2019) is the extreme n_kv_heads = 1, and n_kv_heads = n_heads is plain multi-head.
     Options from the checkpoint families: biases on q/k/v (and o); q/k norm per head (Qwen3,
     "QK-norm") or over the whole projection (OLMoE); clipping q, k, v to [-clip_qkv, clip_qkv]
-    (OLMoE); a sliding window on the layers the config marks (Mistral, Qwen2).
+    (OLMoE); a sliding window on the layers the config marks (Mistral, Qwen2); RoPE on only the first
+    `rotary_dim` dimensions of each head (partial rotary: GLM-4.5, MiniMax-M2; `moecli.model.rope`);
+    a learned sink logit per query head in each softmax's denominator (gpt-oss: `attention_sinks`,
+    see `moecli.model.ops.softmax_with_sinks`).
     """
 
     def __init__(self, config: ModelConfig, layer: int, ops: Ops, name: str = "attn"):
@@ -50,7 +54,7 @@ class GroupedQueryAttention(hk.Module):
         if c.qk_norm == "head":
             q = norm(c.norm, c.head_dim, c.norm_eps, name="q_norm")(q)
             k = norm(c.norm, c.head_dim, c.norm_eps, name="k_norm")(k)
-        inv_freq, scale = rope_frequencies(c.head_dim, c.rope)
+        inv_freq, scale = rope_frequencies(c.rotary_dim or c.head_dim, c.rope)  # partial rotary: fewer pairs
         q = apply_rope(q, positions, inv_freq, scale, ops.isolate)
         k = apply_rope(k, positions, inv_freq, scale, ops.isolate)
 
@@ -62,7 +66,10 @@ class GroupedQueryAttention(hk.Module):
             k = k.swapaxes(2, 3)                                          # [b, kv, d, t]
         # Keys sit at positions 0..len-1: the cache's slots, or without a cache this chunk (from 0).
         q = q.reshape(batch, seq, c.n_kv_heads, group, c.head_dim).transpose(0, 2, 3, 1, 4)  # [b, kv, g, t, d]
-        out = ops.attention(q, k, v, positions, self.window)             # float32 [b, kv, g, t, d]
+        sinks = None
+        if c.attention_sinks:  # query head h = kv * group + g, as q is grouped above
+            sinks = hk.get_parameter("sinks", [c.n_heads], jnp.float32, init=jnp.zeros).reshape(c.n_kv_heads, group)
+        out = ops.attention(q, k, v, positions, self.window, sinks=sinks)  # float32 [b, kv, g, t, d]
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, c.n_heads * c.head_dim)
         out = out.astype(x.dtype)  # a float32 cache must not turn the residual stream float32
         return Linear(c.d_model, ops, with_bias=c.o_bias, quant=c.quant, name="o_proj")(out), cache
@@ -74,4 +81,5 @@ class AttentionKind(NamedTuple):
 
 
 #: config.attention -> the attention module and its cache type; a family picks one by name.
-ATTENTION = {"gqa": AttentionKind(GroupedQueryAttention, KVCache)}
+ATTENTION = {"gqa": AttentionKind(GroupedQueryAttention, KVCache),
+             "mla": AttentionKind(MultiHeadLatentAttention, LatentCache)}  # DeepSeek-V2/V3: moecli.model.mla

@@ -3,9 +3,9 @@
 KV caching: during generation each new token attends to every earlier token, whose keys and
 values do not change; storing them makes a decode step cost O(context) instead of re-running the
 whole prefix. Each layer's cache is of its attention kind's own type (`moecli.model.attention.ATTENTION`
-pairs them): keys and values today; compressed latents or recurrent
-states fit the same interface — `empty(...)` builds one, the layer's attention reads and writes
-it — so the decoder, chat cache reuse and sharding never look inside.
+pairs them): keys and values (`KVCache`), or multi-head latent attention's compressed latents
+(`moecli.model.mla.LatentCache`); recurrent states would fit the same interface — `empty(...)`
+builds one, the layer's attention reads and writes it — so the decoder, chat cache reuse and sharding never look inside.
 
 Caches are preallocated to a fixed length, so shapes never change; the write position is an
 array (`Cache.pos`), not a Python int, so every decode step has the same shapes and compiles once.
@@ -38,11 +38,15 @@ class KVCache(NamedTuple):
 
     def write(self, k: jax.Array, v: jax.Array, pos: jax.Array, keys_transposed: bool) -> "KVCache":
         """This chunk's k and v [batch, kv_heads, t, head_dim] stored at positions pos..pos+t-1."""
-        if keys_transposed:
-            k_new = jax.lax.dynamic_update_slice(self.k, k.swapaxes(2, 3).astype(self.k.dtype), (0, 0, 0, pos))
-        else:
-            k_new = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), (0, 0, pos, 0))
-        return KVCache(k_new, jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), (0, 0, pos, 0)))
+        return KVCache(write_at(self.k, k, pos, keys_transposed), write_at(self.v, v, pos, False))
+
+
+def write_at(buffer: jax.Array, x: jax.Array, pos: jax.Array, transposed: bool) -> jax.Array:
+    """x [batch, heads, t, d] stored into a cache buffer at positions pos..pos+t-1, in the buffer's dtype:
+    a buffer [batch, heads, max_len, d], or [batch, heads, d, max_len] when `transposed`."""
+    if transposed:
+        return jax.lax.dynamic_update_slice(buffer, x.swapaxes(2, 3).astype(buffer.dtype), (0, 0, 0, pos))
+    return jax.lax.dynamic_update_slice(buffer, x.astype(buffer.dtype), (0, 0, pos, 0))
 
 
 class Cache(NamedTuple):

@@ -49,12 +49,15 @@ class RopeConfig:
 class QuantConfig:
     """Which weights are stored as integers, at how many bits (0: float), in groups of `group`
     weights along the input dimension (`moecli.model.quant`). Kinds as `moecli.model.quant.RULES`
-    names them: the routed experts, the other Linear layers of the decoder, the LM head."""
+    names them: the routed experts, the other Linear layers of the decoder, the LM head.
+    `experts_format` "mxfp4": the experts are 4-bit floats in blocks of 32 with power-of-two scales
+    instead (`moecli.model.mxfp4`, as gpt-oss ships them); `experts` is then 4."""
 
     experts: int = 0
     dense: int = 0
     lm_head: int = 0
     group: int = 32
+    experts_format: str = "int"   # int | mxfp4
 
     @classmethod
     def preset(cls, bits: int) -> "QuantConfig":
@@ -70,13 +73,46 @@ class QuantConfig:
         kinds = {"experts": self.experts, "dense": self.dense, "lm_head": self.lm_head}
         if self == QuantConfig.preset(self.experts):
             return f"q{self.experts}"
-        return ", ".join(f"{k} {'q' + str(b) if b else 'float'}" for k, b in kinds.items())
+        names = {b: f"q{b}" for b in (4, 8)} | {0: "float"}
+        return ", ".join(f"{k} {'mxfp4' if k == 'experts' and self.experts_format == 'mxfp4' else names[b]}"
+                         for k, b in kinds.items())
 
     def validate(self) -> None:
         if any(b not in (0, 4, 8) for b in (self.experts, self.dense, self.lm_head)):
             raise ConfigError(f"quantized weights must have 4 or 8 bits, got {self}")
         if not (self.group >= 2 and self.group & (self.group - 1) == 0):
             raise ConfigError(f"the quantization group size must be a power of two >= 2, got {self.group}")
+        if self.experts_format not in ("int", "mxfp4") or (self.experts_format == "mxfp4" and self.experts != 4):
+            raise ConfigError(f"experts_format must be int, or mxfp4 with 4-bit experts, got {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention's sizes (DeepSeek-V2/V3, `moecli.model.mla`). Each head's queries and keys
+    have qk_nope_head_dim + qk_rope_head_dim dimensions (`ModelConfig.head_dim`), its values v_head_dim;
+    the cache holds kv_lora_rank + qk_rope_head_dim values per token and layer, for all heads together."""
+
+    kv_lora_rank: int              # the compressed key/value latent of each token
+    qk_nope_head_dim: int          # per head: the query/key part without position, up-projected from the latent
+    qk_rope_head_dim: int          # per head: the query part with RoPE; keys share one such part across heads
+    v_head_dim: int                # per head: the values, up-projected from the latent
+    q_lora_rank: int = 0           # the queries' low-rank bottleneck (0: one q_proj, as in DeepSeek-V2-Lite)
+    rope_interleave: bool = True   # RoPE rotates dimension pairs (2i, 2i + 1) (DeepSeek), else (i, i + d/2)
+    softmax_mscale: float = 1.0    # the softmax scale is head_dim^-0.5 times this (YaRN's mscale_all_dim, squared)
+    norm_eps: float = 1e-6         # the latents' RMSNorms (transformers builds them with the default eps)
+
+    def validate(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank"):
+            low = 0 if name in ("q_lora_rank", "qk_nope_head_dim") else 1
+            if not low <= getattr(self, name) <= MAX_DIM:
+                raise ConfigError(f"{name} must be between {low} and {MAX_DIM}, got {getattr(self, name)}", DAMAGED)
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}",
+                              DAMAGED)
+        if not (math.isfinite(self.softmax_mscale) and self.softmax_mscale > 0 and math.isfinite(self.norm_eps)
+                and self.norm_eps >= 0):
+            raise ConfigError(f"the softmax mscale must be positive and the latent norms' eps >= 0, got "
+                              f"{self.softmax_mscale} and {self.norm_eps}", DAMAGED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +136,22 @@ class ModelConfig:
     n_group: int = 1              # group-limited routing (moecli.model.router.group_mask): groups of experts
     topk_group: int = 1           # ... and how many groups each token may use
     routed_scaling_factor: float = 1.0  # the routed experts' weights scaled by this (DeepSeek, GLM-4.5)
+    expert_act: str = "swiglu"    # the experts' gated activation (moecli.model.experts.GLUS): swiglu | clamped_swiglu
+    swiglu_limit: float = 7.0     # clamped_swiglu (gpt-oss): gate clamped above at it, up to [-limit, limit]
+    swiglu_alpha: float = 1.702   # clamped_swiglu: gate * sigmoid(alpha * gate)
+    expert_bias: bool = False     # biases on the experts' gate, up and down projections (gpt-oss)
     norm_topk_prob: bool = True   # renormalise the top-k gate weights to sum to 1
     capacity_factor: float = 0.0  # 0 = dropless routing; > 0 = capacity routing
     quant: QuantConfig = QuantConfig()  # float weights unless --quantize or a quantized checkpoint
     rope: RopeConfig = RopeConfig()
+    rotary_dim: int = 0           # RoPE on each head's first rotary_dim dims only (partial rotary); 0 = the whole head
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"         # none | head (per head, Qwen3) | full (whole projection, OLMoE)
     clip_qkv: float | None = None
+    attention_sinks: bool = False  # a learned per-head logit in every softmax denominator (gpt-oss)
+    mla: MLAConfig | None = None  # multi-head latent attention's sizes (attention "mla"; head_dim = q/k head size)
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: window applies (empty = every layer)
     tie_embeddings: bool = False
@@ -141,8 +184,17 @@ class ModelConfig:
             raise ConfigError(
                 f"num_attention_heads ({self.n_heads}) is not a multiple of "
                 f"num_key_value_heads ({self.n_kv_heads})")
-        if self.head_dim % 2:
+        if self.head_dim % 2 and self.mla is None:  # latent attention rotates only its qk_rope_head_dim part
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}", DAMAGED)
+        if (self.attention == "mla") != (self.mla is not None):
+            raise ConfigError(f"attention {self.attention!r} with mla={self.mla}: latent attention needs its sizes")
+        if self.mla is not None:
+            self.mla.validate()
+            if self.head_dim != self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim:
+                raise ConfigError(f"head_dim={self.head_dim} must be qk_nope_head_dim + qk_rope_head_dim", DAMAGED)
+        if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ConfigError(f"the rotary part of each head must be even and at most head_dim={self.head_dim}, "
+                              f"got {self.rotary_dim}", DAMAGED)
         if any(self.moe_layers):
             if not 1 <= self.top_k <= self.n_experts:
                 raise ConfigError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
@@ -157,18 +209,20 @@ class ModelConfig:
                                          and 1 <= self.topk_group <= self.n_group):
             raise ConfigError(f"n_group={self.n_group} must divide n_experts={self.n_experts} and topk_group="
                               f"{self.topk_group} be between 1 and n_group", DAMAGED)
+        if not math.isfinite(self.swiglu_alpha):
+            raise ConfigError(f"swiglu_alpha must be finite, got {self.swiglu_alpha}", DAMAGED)
         if not math.isfinite(self.routed_scaling_factor):
             raise ConfigError(f"routed_scaling_factor must be finite, got {self.routed_scaling_factor}", DAMAGED)
         if not (math.isfinite(self.capacity_factor) and self.capacity_factor >= 0):
             raise ConfigError(f"capacity_factor must be >= 0, got {self.capacity_factor}")
-        for name in ("sliding_window", "clip_qkv"):
+        for name in ("sliding_window", "clip_qkv", "swiglu_limit"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be positive, got {value}", DAMAGED)
         self.rope.validate()
-        total = self.parameter_counts()[0]
-        if total > MAX_PARAMS:
-            raise ConfigError(f"config.json describes a model of {total:.3g} parameters", DAMAGED)
+        bound = self.parameter_bound()
+        if bound > MAX_PARAMS:
+            raise ConfigError(f"config.json describes a model of up to {bound:.3g} parameters", DAMAGED)
 
     def uses_window(self, layer: int) -> bool:
         if self.sliding_window is None:
@@ -180,32 +234,25 @@ class ModelConfig:
         return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
 
     def expert_size(self) -> int:
-        """Parameters of one routed expert: a SwiGLU's gate, up and down matrices."""
-        return 3 * self.d_model * self.d_expert
+        """Parameters of one routed expert: a SwiGLU's gate, up and down matrices (and their biases)."""
+        biases = 2 * self.d_expert + self.d_model if self.expert_bias else 0
+        return 3 * self.d_model * self.d_expert + biases
 
     def expert_parameters(self) -> int:
         """Parameters of all routed experts (the part expert parallelism splits over devices)."""
         return sum(self.moe_layers) * self.n_experts * self.expert_size()
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per token) parameter counts; active counts top_k experts per MoE layer."""
-        d, h = self.d_model, self.head_dim
-        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
-        attn += (h * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0) + (d if self.o_bias else 0)
-        attn += {"none": 0, "head": 2 * h, "full": h * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
-        expert = self.expert_size()
-        shared = 3 * d * self.d_shared_expert + (d if self.d_shared_expert and self.shared_expert_gate else 0)
-        total = active = 0
-        for is_moe in self.moe_layers:
-            base = attn + 2 * d
-            if is_moe:
-                total += base + d * self.n_experts + self.n_experts * expert + shared
-                active += base + d * self.n_experts + self.top_k * expert + shared
-            else:
-                total += base + 3 * d * self.d_ff
-                active += base + 3 * d * self.d_ff
-        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
-        return total + embed, active + embed
+    def parameter_bound(self) -> int:
+        """A cheap upper bound on the parameter count, to refuse a damaged config.json's absurd sizes
+        before any shape is built (the exact counts trace the model: `moecli.model.sizes.parameter_counts`).
+        Every parameter of a layer is a row of at most max(widths) + 1 entries (+1: biases, norms) times
+        an output width, and the layer's output widths sum to less than `outputs`; no family's formula."""
+        m = self.mla
+        ranks = (m.q_lora_rank, m.kv_lora_rank + m.qk_rope_head_dim, self.n_heads * m.v_head_dim) if m else ()
+        widths = (self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.d_ff,
+                  self.d_expert, self.d_shared_expert, *ranks)
+        outputs = 4 * sum(widths) + self.n_experts * (2 * self.d_expert + self.d_model + 3) + 8
+        return self.n_layers * (max(widths) + 1) * outputs + (2 * self.vocab_size + 1) * self.d_model
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -22,39 +22,83 @@ Two routing modes:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from moecli.model.config import ModelConfig
 from moecli.model.quant import dense, take
 from moecli.model.router import Routing
 
 
-def swiglu(x, w_gate, w_up, w_down, up_spec: str, down_spec: str):
-    """The experts' SwiGLU, down(silu(x @ gate) * (x @ up)), batched over experts by einsum specs.
-    Quantized weights (`moecli.model.quant`) are dequantized first: this is the reference path."""
+# ----------------------------------------------------------------------------- what one expert computes
+# Every expert is a gated FFN: down(glu(x @ gate + b_gate, x @ up + b_up)) + b_down. The biases are
+# optional (`biases` = (b_gate [e, f], b_up [e, f], b_down [e, d]) or None) and so is the gating:
+# `glu` is one of GLUS; every implementation below takes both as keyword arguments.
+
+def silu_glu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """SwiGLU's gating (Shazeer 2020, "GLU Variants Improve Transformer"): silu(gate) * up."""
+    return jax.nn.silu(gate) * up
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float, alpha: float) -> jax.Array:
+    """gpt-oss's SwiGLU (OpenAI 2025): the gate clamped above at `limit` and up to [-limit, limit]
+    (bounding the activations), then gate * sigmoid(alpha * gate) * (up + 1). With alpha = 1.702,
+    x * sigmoid(1.702 x) is the sigmoid approximation of GELU (Hendrycks & Gimpel 2016)."""
+    gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (up + 1)
+
+
+#: config.expert_act -> the experts' gating, given the config's parameters.
+GLUS: dict[str, Callable[[ModelConfig], Callable]] = {
+    "swiglu": lambda c: silu_glu,
+    "clamped_swiglu": lambda c: functools.partial(clamped_swiglu, limit=c.swiglu_limit, alpha=c.swiglu_alpha),
+}
+
+
+def _plus(y: jax.Array, b: jax.Array | None) -> jax.Array:
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def _spec_bias(b: jax.Array | None, spec: str) -> jax.Array | None:
+    """A per-expert bias b [e, n] shaped to broadcast against einsum `spec`'s output, whose axes
+    name the experts "e" and end with the n outputs (e.g. "tef" -> [1, e, f], "ecf" -> [e, 1, f])."""
+    if b is None:
+        return None
+    out = spec.split("->")[1]
+    return b.reshape([b.shape[0] if a == "e" else b.shape[1] if i == len(out) - 1 else 1 for i, a in enumerate(out)])
+
+
+def swiglu(x, w_gate, w_up, w_down, up_spec: str, down_spec: str, glu: Callable = silu_glu, biases=None):
+    """The experts' gated FFN, down(glu(x @ gate, x @ up)) (+ biases), batched over experts by einsum
+    specs. Quantized weights (`moecli.model.quant`) are dequantized first: this is the reference path."""
     w_gate, w_up, w_down = (dense(w, x.dtype) for w in (w_gate, w_up, w_down))
-    hidden = jax.nn.silu(jnp.einsum(up_spec, x, w_gate)) * jnp.einsum(up_spec, x, w_up)
-    return jnp.einsum(down_spec, hidden, w_down)
+    b_gate, b_up, b_down = biases or (None, None, None)
+    hidden = glu(_plus(jnp.einsum(up_spec, x, w_gate), _spec_bias(b_gate, up_spec)),
+                 _plus(jnp.einsum(up_spec, x, w_up), _spec_bias(b_up, up_spec)))
+    return _plus(jnp.einsum(down_spec, hidden, w_down), _spec_bias(b_down, down_spec))
 
 
-def experts_dense(x, w_gate, w_up, w_down, routing: Routing, n_experts: int):
+def experts_dense(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, glu: Callable = silu_glu, biases=None):
     """Dropless, the simplest way: every expert on every token, combined with a dense
     [tokens, n_experts] weight matrix that is zero except at the chosen experts. Exact but
     n_experts/top_k times the FLOPs; kept as the reference the faster paths are tested against."""
-    y = swiglu(x, w_gate, w_up, w_down, "td,edf->tef", "tef,efd->ted")                          # [t, e, d]
+    y = swiglu(x, w_gate, w_up, w_down, "td,edf->tef", "tef,efd->ted", glu, biases)             # [t, e, d]
     combine = jnp.sum(jax.nn.one_hot(routing.experts, n_experts) * routing.weights[..., None], axis=-2)
     return jnp.einsum("te,ted->td", combine.astype(y.dtype), y)
 
 
-def expert_ffn(x, w_gate, w_up, w_down, e):
-    """Expert e's SwiGLU on tokens x [n, d] as three plain 2-D dots, reading only its weights."""
+def expert_ffn(x, w_gate, w_up, w_down, e, glu: Callable = silu_glu, biases=None):
+    """Expert e's gated FFN on tokens x [n, d] as three plain 2-D dots, reading only its weights."""
     gate, up, down = (dense(take(w, e), x.dtype) for w in (w_gate, w_up, w_down))
-    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+    b_gate, b_up, b_down = (None, None, None) if biases is None else (b[e] for b in biases)
+    return _plus(glu(_plus(x @ gate, b_gate), _plus(x @ up, b_up)) @ down, b_down)
 
 
-def experts_scanned(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
+def experts_scanned(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False,
+                    glu: Callable = silu_glu, biases=None):
     """Dropless for a few tokens (decoding): a loop over the tokens*top_k assignments, each reading
     only its own expert's weights through a dynamic index, so a decode step reads k experts, not
     all of them. Plain matrix-vector products inside a scan beat gathering the k experts' weights
@@ -66,7 +110,7 @@ def experts_scanned(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, e
     token = jnp.repeat(jnp.arange(tokens), top_k)
 
     def add(out, i):
-        y = expert_ffn(x[token[i]][None], w_gate, w_up, w_down, expert[i])[0]
+        y = expert_ffn(x[token[i]][None], w_gate, w_up, w_down, expert[i], glu, biases)[0]
         return out.at[token[i]].add(weight[i].astype(y.dtype) * y)
 
     def one_assignment(out, i):
@@ -118,7 +162,8 @@ def combine_blocks(ys: jax.Array, blocks: Blocks, routing: Routing) -> jax.Array
     return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y.reshape(tokens, top_k, d))
 
 
-def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
+def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False,
+                    glu: Callable = silu_glu, biases=None):
     """Dropless for many tokens (prefill), block-sparse as in MegaBlocks (Gale et al. 2022): the
     assignments sorted into blocks by expert (`sort_into_blocks`), one dense [block, d] x [d, f]
     product per block with that block's expert, in a scan. FLOPs grow with top_k, not n_experts.
@@ -129,7 +174,8 @@ def experts_blocked(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, e
 
     def one_block(_, inputs):
         xb, e = inputs
-        return 0, jax.lax.cond(e < n_experts, lambda: expert_ffn(xb, w_gate, w_up, w_down, e), lambda: xb * 0)
+        ffn = lambda: expert_ffn(xb, w_gate, w_up, w_down, e, glu, biases)  # noqa: E731
+        return 0, jax.lax.cond(e < n_experts, ffn, lambda: xb * 0)
 
     _, ys = jax.lax.scan(one_block, 0, (blocks.xs.reshape(n_blocks, -1, d), blocks.expert))
     return combine_blocks(ys.reshape(-1, d), blocks, routing)
@@ -142,7 +188,8 @@ def claim_rank(expert: jax.Array, n_experts: int) -> jax.Array:
     return jnp.sum((jnp.cumsum(claims, axis=0) - 1) * claims, axis=-1)
 
 
-def experts_capacity(x, w_gate, w_up, w_down, routing: Routing, capacity: int, n_experts: int):
+def experts_capacity(x, w_gate, w_up, w_down, routing: Routing, capacity: int, n_experts: int,
+                     glu: Callable = silu_glu, biases=None):
     """Capacity routing: scatter assignments into [n_experts, capacity] slots, first-come by token
     order; an assignment over capacity is dropped (passes through as the residual)."""
     tokens, top_k = routing.experts.shape
@@ -152,7 +199,7 @@ def experts_capacity(x, w_gate, w_up, w_down, routing: Routing, capacity: int, n
     token = jnp.repeat(jnp.arange(tokens), top_k)
     buffer = jnp.zeros((n_experts, capacity, x.shape[-1]), x.dtype)
     buffer = buffer.at[expert, slot].set(x[token], mode="drop")                # [e, c, d]
-    out = swiglu(buffer, w_gate, w_up, w_down, "ecd,edf->ecf", "ecf,efd->ecd")                  # [e, c, d]
+    out = swiglu(buffer, w_gate, w_up, w_down, "ecd,edf->ecf", "ecf,efd->ecd", glu, biases)     # [e, c, d]
     y = out.at[expert, slot].get(mode="fill", fill_value=0).reshape(tokens, top_k, -1)
     return jnp.einsum("tk,tkd->td", routing.weights.astype(y.dtype), y)
 

@@ -2,22 +2,33 @@
 
 The router kind (`config.router`) and the dropless experts implementation (the backend's
 `Ops.experts`) are parts; this module only wires them. See `moecli.model.experts` for what the
-experts compute and the two routing modes (dropless and capacity).
+experts compute and the two routing modes (dropless and capacity). The backends' expert kernels
+compute plain SwiGLU without biases; experts with another gating or with biases (gpt-oss) take the
+backend's `Ops.gated_experts` (`uses_kernels`): the pure-JAX implementations, or for MXFP4 weights on
+CPU the packed matrix-vector kernel with the gating and biases in JAX.
 """
 from __future__ import annotations
+
+import functools
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from moecli.model.config import ModelConfig
-from moecli.model.experts import experts_capacity
+from moecli.model.experts import GLUS, experts_capacity
 from moecli.model.linear import Linear
 from moecli.model.mlp import MLP
 from moecli.model.ops import Ops
 from moecli.model.quant import get_weight, weight_dtype
 from moecli.model.router import ROUTERS, Routing
 from moecli.model.sharding import shard_experts
+
+
+def uses_kernels(config: ModelConfig) -> bool:
+    """Whether the backend's experts (`Ops.experts`, kernels included) compute this config's experts:
+    only plain SwiGLU without biases; anything else runs the pure-JAX experts."""
+    return config.expert_act == "swiglu" and not config.expert_bias
 
 
 class MoEBlock(hk.Module):
@@ -40,6 +51,11 @@ class MoEBlock(hk.Module):
         w_gate = get_weight("w_gate", [c.n_experts, d, c.d_expert], jnp.float32, init, c.quant)
         w_up = get_weight("w_up", [c.n_experts, d, c.d_expert], jnp.float32, init, c.quant)
         w_down = get_weight("w_down", [c.n_experts, c.d_expert, d], jnp.float32, init, c.quant)
+        biases = ()
+        if c.expert_bias:  # [e, f], [e, f], [e, d]: split over devices like the weights
+            biases = tuple(hk.get_parameter(name, [c.n_experts, size], init=jnp.zeros)
+                           for name, size in (("b_gate", c.d_expert), ("b_up", c.d_expert), ("b_down", d)))
+        glu = GLUS[c.expert_act](c)
 
         routing = ROUTERS[c.router](x, router_w, c, disabled)
         used = routing
@@ -51,13 +67,17 @@ class MoEBlock(hk.Module):
         flat = Routing(*(t.reshape(batch * seq, -1) for t in used))
         xs = x.reshape(batch * seq, d)
         if c.capacity_factor > 0:
-            y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts)
+            y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts,
+                                 glu, biases or None)
         else:
-            experts = self.ops.experts(batch * seq, c.top_k, c.n_experts, weight_dtype(w_gate))
+            pick = self.ops.experts if uses_kernels(c) else self.ops.gated_experts
+            experts = pick(batch * seq, c.top_k, c.n_experts, weight_dtype(w_gate))
+            if not uses_kernels(c):  # another gating, or biases: Ops.gated_experts
+                experts = functools.partial(experts, glu=glu)
             if self.mesh is None:
-                y = experts(xs, w_gate, w_up, w_down, flat, c.n_experts)
-            else:
-                y = shard_experts(experts, self.mesh)(xs, flat.experts, flat.weights, w_gate, w_up, w_down)
+                y = experts(xs, w_gate, w_up, w_down, flat, c.n_experts, **({"biases": biases} if biases else {}))
+            else:  # the biases, split like the weights, reach each device's experts with them
+                y = shard_experts(experts, self.mesh)(xs, flat.experts, flat.weights, w_gate, w_up, w_down, *biases)
         y = y.reshape(batch, seq, d)
 
         if c.d_shared_expert:

@@ -78,6 +78,8 @@ class Ops:
     matmul: Callable = matmul_xla          # (x, w, out_dtype=None) -> x @ w
     attention: Callable = attend_xla       # (q, k, v, positions, window, sinks=None, scale=None) -> float32 [b, kv, g, t, d_v]
     experts: Callable = experts_xla        # (tokens, top_k, n_experts, weight dtype) -> dropless experts fn
+    # ... for experts of any gating, with biases (gpt-oss): fns that also take glu= and biases=
+    gated_experts: Callable = experts_xla
     keys_transposed: bool = False          # the KV cache keeps keys as [b, kv, d, len] (see model.cache)
     float32_cache: bool = False            # the KV cache in float32 whatever the weights' dtype
     isolate: Callable = _same              # isolate(fn, x) = fn(x), computed apart from its consumers

@@ -15,6 +15,8 @@ Layout (what the kernels read; `moecli.kernels.cpu.csrc`), for a matrix in moecl
         stored as value + 8;    scale float16 [in / group, out]
 Expert stacks add a leading [n_experts] axis to both. Activations stay in float: the weights are
 unpacked and scaled in registers (kernels) or dequantized first (`dequantize`, the reference).
+A checkpoint's MXFP4 experts (gpt-oss) are another packed kind, `moecli.model.mxfp4.MXFP4Weight`:
+`get_weight`, `dense`, `take` and `weight_dtype` below take either.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moecli.model import mxfp4
+from moecli.model.mxfp4 import MXFP4Weight
 
 GROUP = 32
 QMAX = {8: 127, 4: 7}
@@ -49,12 +54,20 @@ class QuantizedWeight(NamedTuple):
         return 8 if self.q.dtype == jnp.int8 else 4
 
 
+def kind_for(path: str) -> str | None:
+    """Which kind of RULES `module/param` is ("experts", "dense", "lm_head"), or None (stays float)."""
+    return next((kind for pattern, kind in RULES if re.search(pattern, path)), None)
+
+
 def bits_for(path: str, config) -> int:
     """How many bits `module/param` is stored in under `config` (a QuantConfig; 0: stays float)."""
-    for pattern, kind in RULES:
-        if re.search(pattern, path):
-            return getattr(config, kind)
-    return 0
+    kind = kind_for(path)
+    return getattr(config, kind) if kind else 0
+
+
+def is_mxfp4(path: str, config) -> bool:
+    """Whether `module/param` is an MXFP4 weight under `config` (its experts, `experts_format`)."""
+    return bool(config) and config.experts_format == "mxfp4" and kind_for(path) == "experts"
 
 
 def group_size(d_in: int, bits: int, group: int = GROUP) -> int:
@@ -68,10 +81,13 @@ def group_size(d_in: int, bits: int, group: int = GROUP) -> int:
 def get_weight(name: str, shape: list[int], dtype, init, quant=None):
     """hk.get_parameter for a weight that may be stored as integers: the float parameter, or, when
     the config's QuantConfig `quant` covers this module's parameter (`bits_for`), a QuantizedWeight
-    of the parameters `{name}_q` and `{name}_scale`."""
+    of the parameters `{name}_q` and `{name}_scale` (MXFP4 experts: an MXFP4Weight)."""
     import haiku as hk
 
-    bits = bits_for(f"{hk.experimental.current_name()}/{name}", quant) if quant else 0
+    path = f"{hk.experimental.current_name()}/{name}"
+    if is_mxfp4(path, quant):
+        return mxfp4.get_parameters(name, shape)
+    bits = bits_for(path, quant) if quant else 0
     group = quant.group if quant else GROUP
     if not bits:
         return hk.get_parameter(name, shape, dtype, init=init)
@@ -79,6 +95,15 @@ def get_weight(name: str, shape: list[int], dtype, init, quant=None):
     return QuantizedWeight(hk.get_parameter(f"{name}_q", q_shape, jnp.int8 if bits == 8 else jnp.uint8,
                                             init=jnp.zeros),
                            hk.get_parameter(f"{name}_scale", scale_shape, jnp.float16, init=jnp.ones))
+
+
+#: The suffixes of a packed weight's stored parameters: a QuantizedWeight's, then an MXFP4Weight's.
+STORED_SUFFIXES = ("_q", "_scale", *mxfp4.SUFFIXES)
+
+
+def float_name(param: str) -> str:
+    """The weight a stored parameter is part of: w_gate for w_gate_q, w_gate_scale, w_gate_blocks, ..."""
+    return next((param.removesuffix(s) for s in STORED_SUFFIXES if param.endswith(s)), param)
 
 
 def quantized_shapes(shape: tuple[int, ...], bits: int, group: int = GROUP) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -116,17 +141,29 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 
 
 def weight_dtype(w):
-    """The dtype a kernel dispatches on: the float dtype, or the integers' (int8 q8, uint8 q4)."""
+    """The dtype a kernel dispatches on: the float dtype, the integers' (int8 q8, uint8 q4), or
+    float4_e2m1fn for MXFP4 (`mxfp4.DTYPE`)."""
+    if isinstance(w, MXFP4Weight):
+        return jnp.dtype(mxfp4.DTYPE)
     return w.q.dtype if isinstance(w, QuantizedWeight) else w.dtype
+
+
+def is_packed(w) -> bool:
+    """Whether w is stored packed (integers or MXFP4) rather than as a float array."""
+    return isinstance(w, (QuantizedWeight, MXFP4Weight))
 
 
 def dense(w, dtype) -> jax.Array:
     """w as a float array of `dtype`: dequantized if quantized, else as it is."""
+    if isinstance(w, MXFP4Weight):
+        return mxfp4.dequantize(w, dtype)
     return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
 
 
 def take(w, e):
     """Expert e's matrix of a stacked parameter, quantized or not."""
+    if isinstance(w, MXFP4Weight):
+        return mxfp4.take(w, e)
     return QuantizedWeight(w.q[e], w.scale[e]) if isinstance(w, QuantizedWeight) else w[e]
 
 

@@ -49,12 +49,38 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float, isolate) -> jax.Array:
+def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE in the RoFormer paper's layout, as DeepSeek's latent attention lays it out: dimensions 2i and
+    2i + 1 form pair i, rotated in place by angle i. x [batch, seq, heads, d], cos/sin [1, seq, 1, d/2]."""
+    x32 = x.astype(jnp.float32)
+    even, odd = x32[..., 0::2], x32[..., 1::2]                                       # [b, t, h, d/2]
+    return jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(x.shape).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float, isolate,
+               interleaved: bool = False) -> jax.Array:
     """Rotate x [batch, seq, heads, head_dim] by its tokens' positions [seq], in float32 (bf16 angles
     lose whole rotations at long positions). `isolate` is the backend's `Ops.isolate`: cos and sin
-    are computed once for all heads where the backend's compiler would recompute them per head."""
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [seq, d/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]           # [1, seq, 1, d]
+    are computed once for all heads where the backend's compiler would recompute them per head.
+
+    Partial rotary (GPT-NeoX; GLM-4.5, MiniMax-M2): when `inv_freq` covers fewer dimensions than the
+    head (rotary_dim = 2 * len(inv_freq) < head_dim), only each head's first rotary_dim dimensions
+    are rotated, rotate-half within them, and the rest carry no position at all (as transformers'
+    `apply_rotary_pos_emb` splits q[..., :rotary_dim] from q[..., rotary_dim:]).
+
+    `interleaved` (DeepSeek-V2/V3's `rope_interleave`, whole heads only): pairs (2i, 2i + 1) rather than
+    (i, i + d/2), `rotate_pairs`. Queries and keys rotated alike give the same scores whether the
+    rotated pairs are written back in place (here, and DeepSeek-V2's complex product) or evens first
+    (transformers' DeepSeek-V3)."""
+    rotary = 2 * len(inv_freq)
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [seq, r/2]
+    if interleaved:
+        assert rotary == x.shape[-1], "interleaved RoPE rotates whole heads"
+        return rotate_pairs(x, *isolate(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles[None, :, None]))
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]           # [1, seq, 1, r]
     cos, sin = isolate(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles)
     x32 = x.astype(jnp.float32)
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+    if rotary == x.shape[-1]:
+        return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+    rot, rest = x32[..., :rotary], x32[..., rotary:]                                 # [b, t, h, r], [b, t, h, d - r]
+    return jnp.concatenate([rot * cos + rotate_half(rot) * sin, rest], axis=-1).astype(x.dtype)

@@ -23,10 +23,15 @@ class Routing(NamedTuple):
 
 
 def route(x: jax.Array, router_w: jax.Array, top_k: int, renormalise: bool,
-          disabled: jax.Array | None = None) -> Routing:
+          disabled: jax.Array | None = None, groups: tuple[int, int] = (1, 1), scale: float = 1.0) -> Routing:
     """Token-choice routing, softmax then top-k (Shazeer et al. 2017; Mixtral, Qwen-MoE, OLMoE):
     probabilities = softmax(x @ W_router); each token keeps its top_k experts and their
     probabilities, renormalised to sum to 1 when `renormalise` (`norm_topk_prob`).
+
+    DeepSeek-V2 adds two things. Its `group_limited_greedy`: with `groups` = (n_group, topk_group), a
+    token chooses only among the experts of its topk_group groups with the highest best probability
+    (`group_mask` "max"; the others' probabilities count as 0, as transformers masks them). And its
+    weights are times `scale` (routed_scaling_factor). (1, 1) and 1.0 leave plain top-k routing.
 
     Ablation: experts marked in `disabled` [n_experts] get a router logit of -inf, so the softmax
     spreads their probability over the remaining experts and each token's top_k are chosen among
@@ -34,18 +39,21 @@ def route(x: jax.Array, router_w: jax.Array, top_k: int, renormalise: bool,
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
     if disabled is not None:
         logits = jnp.where(disabled, -jnp.inf, logits)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)                                        # [b, t, e]
+    if groups[0] > 1:
+        probs = jnp.where(group_mask(probs, *groups, "max"), probs, 0.0)
     weights, experts = jax.lax.top_k(probs, top_k)
     if renormalise:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return Routing(experts.astype(jnp.int32), weights, logits)
+    return Routing(experts.astype(jnp.int32), weights * scale if scale != 1.0 else weights, logits)
 
 
 
 
 def softmax_topk(x: jax.Array, router_w: jax.Array, config: ModelConfig, disabled: jax.Array | None) -> Routing:
-    """`route` with the config's top_k and norm_topk_prob."""
-    return route(x, router_w, config.top_k, config.norm_topk_prob, disabled)
+    """`route` with the config's top_k, norm_topk_prob, expert groups and routed_scaling_factor."""
+    c = config
+    return route(x, router_w, c.top_k, c.norm_topk_prob, disabled, (c.n_group, c.topk_group), c.routed_scaling_factor)
 
 
 def group_mask(scores: jax.Array, n_group: int, topk_group: int, group_score: str) -> jax.Array:
@@ -88,5 +96,19 @@ def sigmoid_topk(x: jax.Array, router_w: jax.Array, config: ModelConfig, disable
     return Routing(experts.astype(jnp.int32), weights * c.routed_scaling_factor, logits)
 
 
+def topk_softmax(x: jax.Array, router_w: jax.Array, config: ModelConfig, disabled: jax.Array | None) -> Routing:
+    """gpt-oss (OpenAI 2025): the router is a Linear layer with a bias (`router_bias`), and each token's
+    top_k experts are chosen on the logits, their weights a softmax over those k logits alone. That is
+    softmax-then-top-k renormalised (`route`) in exact arithmetic; it is computed here as transformers
+    computes it. Disabled experts get a logit of -inf, so they are never chosen."""
+    bias = hk.get_parameter("router_bias", [config.n_experts], jnp.float32, init=jnp.zeros)
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), router_w.astype(jnp.float32))
+    logits = logits + bias.astype(jnp.float32)                                     # [b, t, e]
+    if disabled is not None:
+        logits = jnp.where(disabled, -jnp.inf, logits)
+    top, experts = jax.lax.top_k(logits, config.top_k)                             # [b, t, k]
+    return Routing(experts.astype(jnp.int32), jax.nn.softmax(top, axis=-1), logits)
+
+
 #: config.router -> the router function; a family picks one by name.
-ROUTERS = {"softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk}
+ROUTERS = {"softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk, "topk_softmax": topk_softmax}

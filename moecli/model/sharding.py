@@ -28,7 +28,8 @@ from moecli.model.router import Routing
 AXIS = "expert"
 # (regex over "module/param", PartitionSpec): the first match wins.
 RULES: list[tuple[str, P]] = [
-    (r"/moe/(w_gate|w_up|w_down)(_q|_scale)?$", P(AXIS)),   # stacked experts (or their quantized parts)
+    (r"/moe/(w_gate|w_up|w_down)(_q|_scale|_blocks|_scales)?$", P(AXIS)),  # stacked experts (or their packed parts)
+    (r"/moe/(b_gate|b_up|b_down)$", P(AXIS)),                # their biases (gpt-oss), with them
     (r".*", P()),                               # everything else: replicated
 ]
 
@@ -78,13 +79,20 @@ def sharding_for(mesh: Mesh, module: str, param: str) -> NamedSharding:
 def shard_experts(fn, mesh: Mesh):
     """Run `fn(x, w_gate, w_up, w_down, routing, n_local_experts) -> y` on each device's experts
     and sum the partial outputs. Assignments to other devices' experts are renumbered to
-    n_local_experts ("not here"), with gate weight 0, which `fn` skips."""
-    def local(x, experts, weights, w_gate, w_up, w_down):
+    n_local_experts ("not here"), with gate weight 0, which `fn` skips. Per-expert biases, when
+    given after the weights (`(x, experts, weights, w_gate, w_up, w_down, *biases)`), are split
+    like them and reach `fn` as its `biases`."""
+    def local(x, experts, weights, w_gate, w_up, w_down, *biases):
         n_local = jax.tree_util.tree_leaves(w_gate)[0].shape[0]  # a float stack or a QuantizedWeight's
         local_ids = experts - jax.lax.axis_index(AXIS) * n_local
         here = (local_ids >= 0) & (local_ids < n_local)
         routing = Routing(jax.numpy.where(here, local_ids, n_local), jax.numpy.where(here, weights, 0.0), None)
-        return jax.lax.psum(fn(x, w_gate, w_up, w_down, routing, n_local, elsewhere=True), AXIS)
+        extra = {"biases": biases} if biases else {}
+        return jax.lax.psum(fn(x, w_gate, w_up, w_down, routing, n_local, elsewhere=True, **extra), AXIS)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS), P(AXIS), P(AXIS)),
-                         out_specs=P(), check_vma=False)
+    def run(x, experts, weights, *expert_arrays):
+        specs = (P(), P(), P()) + (P(AXIS),) * len(expert_arrays)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
+            x, experts, weights, *expert_arrays)
+
+    return run

@@ -11,7 +11,9 @@ tensors onto):
     transformer/layer_{i}/attn/{q,k,v,o}_proj/w,b   [in, out]
     transformer/layer_{i}/attn/{q,k}_norm/scale
     transformer/layer_{i}/post_attn_norm/scale
+    transformer/layer_{i}/attn/sinks                [n_heads] (gpt-oss)
     transformer/layer_{i}/moe/router, w_gate, w_up, w_down   [d, e], [e, d, f], [e, d, f], [e, f, d]
+    transformer/layer_{i}/moe/router_bias, b_gate, b_up, b_down   [e], [e, f], [e, f], [e, d] (gpt-oss)
     transformer/layer_{i}/moe/shared_expert/{gate,up,down}_proj/w, .../moe/shared_expert_gate/w
     transformer/layer_{i}/mlp/{gate,up,down}_proj/w
     transformer/final_norm/scale,  transformer/lm_head  [d_model, vocab] (absent when tied)

@@ -11,6 +11,7 @@ import numpy as np
 from moecli.errors import UsageError
 from moecli.kernels import registry
 from moecli.model.config import ModelConfig
+from moecli.model.sizes import parameter_counts
 from moecli.model.transformer import transformed
 from moecli.training.losses import cross_entropy, dropped_fraction
 from moecli.training.state import STATE_DIR
@@ -148,7 +149,7 @@ def final_report(tc, config, params, out, train_tokens, valid_tokens, eval_capac
         lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
         recent_train = [r["ce"] for r in lines if "ce" in r][-5:]   # the last 50 steps (logged every 10)
 
-    total, active = config.parameter_counts()
+    total, active, _ = parameter_counts(config)
     summary = {
         "step": step,
         "tokens_seen": tokens_seen,

@@ -45,6 +45,7 @@ from moecli.checkpoints.export import save_checkpoint
 from moecli.errors import UsageError
 from moecli.kernels import registry
 from moecli.model.config import ModelConfig, RopeConfig
+from moecli.model.sizes import parameter_counts
 from moecli.model.transformer import transformed
 from moecli.training.config import TrainConfig, resumed
 from moecli.training.evaluation import (
@@ -337,7 +338,7 @@ def run(tc: TrainConfig | None, out: str | Path, resume: bool = False, overrides
     tokenizer, train_tokens, valid_tokens = prepare_data(tc, out, not resume, phases)
     config = model_config(tc, vocab_size=max(tc.vocab_size, tokenizer.vocab_size))
     optimizer = make_optimizer(tc)
-    total, active = config.parameter_counts()
+    total, active, _ = parameter_counts(config)
     with phases(f"restoring step {state.step}" if state else
                 f"initialising {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active per token)"):
         if state is not None:

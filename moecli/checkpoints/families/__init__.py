@@ -9,18 +9,28 @@ from pathlib import Path
 from types import ModuleType
 
 from moecli.model.attention import ATTENTION
-from moecli.model.config import ModelConfig
+from moecli.model.config import ModelConfig, QuantConfig
+from moecli.model.experts import GLUS
 from moecli.model.norms import NORMS
 from moecli.model.router import ROUTERS
 from moecli.errors import ConfigError, first_line
-from moecli.checkpoints.families import mixtral, olmoe, qwen_moe
-from moecli.checkpoints.families.common import TensorMap, tensor_map
+from moecli.checkpoints.families import glm4_moe, minimax_m2, mixtral, olmoe, qwen_moe
+from moecli.checkpoints.families import gpt_oss
+from moecli.checkpoints.families import deepseek
+from moecli.checkpoints.families.common import TensorMap, gqa_tensors, tensor_map
 
 FAMILIES: dict[str, ModuleType] = {
     "mixtral": mixtral,
     "qwen2_moe": qwen_moe,
     "qwen3_moe": qwen_moe,
     "olmoe": olmoe,
+    "glm4_moe": glm4_moe,
+    "minimax_m2": minimax_m2,
+    "gpt_oss": gpt_oss,
+    "deepseek_v2": deepseek,
+    "deepseek_v3": deepseek,
+    "kimi_k2": deepseek,        # Kimi-K2: DeepSeek-V3's architecture under its own model_type
+    "glm4_moe_lite": deepseek,  # GLM-4.7-Flash: latent attention and DeepSeek-V3's MoE
 }
 
 
@@ -35,14 +45,16 @@ def config_from_hf(hf: dict, folder: str | Path | None = None) -> ModelConfig:
     """ModelConfig from a parsed config.json (any supported model_type); a quantized checkpoint's
     config (and, given its `folder`, its tensors) says which weights it stores as integers
     (`moecli.checkpoints.quantized`)."""
-    from moecli.checkpoints import compressed_tensors
+    from moecli.checkpoints import compressed_tensors, mxfp4
     from moecli.checkpoints.quantized import quant_config_for
 
     config = _family(hf.get("model_type")).config_from_hf(hf)
     scheme = compressed_tensors.parse_config(hf)
     if scheme is not None:
         config = config.replace(quant=quant_config_for(config, checkpoint_tensors(config), scheme, folder))
-    for kind, registry in (("attention", ATTENTION), ("router", ROUTERS), ("norm", NORMS)):
+    if mxfp4.parse_config(hf):  # the experts stay MXFP4 (moecli.checkpoints.mxfp4)
+        config = config.replace(quant=QuantConfig(experts=4, experts_format="mxfp4"))
+    for kind, registry in (("attention", ATTENTION), ("router", ROUTERS), ("norm", NORMS), ("expert_act", GLUS)):
         if getattr(config, kind) not in registry:  # a family naming a part that does not exist
             raise ConfigError(f"{config.family} asks for {kind} {getattr(config, kind)!r}, which moecli lacks",
                               f"known: {', '.join(registry)}")
@@ -51,7 +63,15 @@ def config_from_hf(hf: dict, folder: str | Path | None = None) -> ModelConfig:
 
 def checkpoint_tensors(config: ModelConfig) -> TensorMap:
     """Every tensor name the checkpoint may hold, its expected shape and where it goes."""
-    return tensor_map(config, _family(config.family).moe_tensors)
+    family = _family(config.family)
+    return tensor_map(config, family.moe_tensors, getattr(family, "attention_tensors", gqa_tensors))
+
+
+def ignored_tensors(config: ModelConfig, hf: dict) -> tuple[str, ...]:
+    """Prefixes of checkpoint tensor names the family declares it does not load (`common.py`'s
+    optional `ignored_tensors`, e.g. multi-token-prediction layers); () for most families."""
+    declared = getattr(_family(config.family), "ignored_tensors", None)
+    return declared(hf) if declared else ()
 
 
 def read_config_json(checkpoint: str | Path) -> dict:

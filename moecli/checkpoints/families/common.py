@@ -5,8 +5,10 @@ A family module (mixtral.py, qwen_moe.py, olmoe.py) is declarations, not model c
     PARTS = Parts(attention=..., router=..., norm=...)    # which of moecli/model/'s parts it uses
     config_from_hf(hf: dict) -> ModelConfig                # its config.json read into them (**PARTS)
     moe_tensors(config, layer, hf_prefix, module) -> TensorMap   # its MoE block's tensor names
-The attention, norms and dense layers' tensor names are the Hugging Face ones every family shares
-(`tensor_map`); `moecli.checkpoints.families` registers the module under its model_type(s), and
+    attention_tensors(config, layer, hf_prefix, module) -> TensorMap  # optional: its attention's (default: GQA's)
+    ignored_tensors(hf: dict) -> tuple[str, ...]           # optional: name prefixes the loader skips
+The norms' and dense layers' tensor names are the Hugging Face ones every family shares, and so
+are grouped-query attention's (`tensor_map`, `gqa_tensors`); `moecli.checkpoints.families` registers the module under its model_type(s), and
 `moecli.checkpoints.loader` does the rest.
 """
 from __future__ import annotations
@@ -26,6 +28,16 @@ class Target(NamedTuple):
     expert: int | None = None    # index on the stacked experts axis; None = the whole parameter
     transpose: bool = True       # torch Linear stores [out, in]; Haiku uses [in, out]
     rows: tuple[int, int] | None = None  # a slice of the tensor's out axis (fused gate_up_proj)
+    stride: int = 1              # ... every stride-th of those (gpt-oss interleaves gate and up)
+
+    def select(self, tensor):
+        """The part of `tensor` this target takes: `rows[0]:rows[1]:stride` of its out axis, axis -2 of a
+        torch [out, in] weight (transpose) and the last axis of a tensor stored [in, out] or of a bias."""
+        if self.rows is None:
+            return tensor
+        index = [slice(None)] * tensor.ndim
+        index[-2 if self.transpose else -1] = slice(self.rows[0], self.rows[1], self.stride)
+        return tensor[tuple(index)]
 
 
 class Parts(NamedTuple):
@@ -56,7 +68,14 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     **dict.fromkeys(("head_dim", "intermediate_size", "shared_expert_intermediate_size", "num_local_experts",
                      "num_experts", "num_experts_per_tok", "max_window_layers"), (0, MAX_DIM)),
     "num_hidden_layers": (1, MAX_LAYERS),
+    # GLM-4.5 / MiniMax-M2 (and DeepSeek-style configs)
+    **dict.fromkeys(("rotary_dim", "n_routed_experts", "n_shared_experts"), (0, MAX_DIM)),
+    **dict.fromkeys(("num_nextn_predict_layers", "num_mtp_modules", "first_k_dense_replace"), (0, MAX_LAYERS)),
     "decoder_sparse_step": (1, MAX_LAYERS),
+    # DeepSeek-V2/V3's latent attention and routing (families/deepseek.py)
+    **dict.fromkeys(("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"), (1, MAX_DIM)),
+    **dict.fromkeys(("q_lora_rank", "qk_nope_head_dim", "n_group", "topk_group"), (0, MAX_DIM)),
+    "moe_layer_freq": (1, MAX_LAYERS),
 }
 
 
@@ -142,11 +161,17 @@ def check_activation(f: Fields) -> None:
 
 def check_quantization(f: Fields) -> None:
     """Quantized checkpoints moecli reads pass (compressed-tensors W4A16/W8A16; see
-    `moecli.checkpoints.quantized.quant_config_for`); others (GPTQ, AWQ, bitsandbytes, FP8, ...)
-    are refused with a hint."""
-    from moecli.checkpoints import compressed_tensors
+    `moecli.checkpoints.quantized.quant_config_for`; block-FP8, `moecli.checkpoints.fp8`); others
+    (GPTQ, AWQ, bitsandbytes, per-tensor FP8, ...) are refused with a hint."""
+    from moecli.checkpoints import compressed_tensors, fp8
 
     if compressed_tensors.parse_config(f.hf) is not None:  # raises for the schemes it cannot read
+        return
+    if fp8.parse_config(f.hf) is not None:  # block-FP8, dequantized at load (raises for other FP8 variants)
+        return
+    from moecli.checkpoints import mxfp4
+
+    if mxfp4.parse_config(f.hf):  # gpt-oss's MXFP4 experts, kept packed (raises for other families)
         return
     quant = f.hf.get("quantization_config")
     if quant:
@@ -220,8 +245,28 @@ def expert_tensors(c: ModelConfig, hf_block: str, module: str, names: tuple[str,
     return table
 
 
-def tensor_map(c: ModelConfig, moe_tensors) -> TensorMap:
-    """The whole model's table; `moe_tensors(c, layer, hf_prefix, module)` adds a family's MoE block."""
+def gqa_tensors(c: ModelConfig, layer: int, hf: str, module: str) -> TensorMap:
+    """Grouped-query attention's tensors, `{hf}.{q,k,v,o}_proj` (+ q/k norms, sinks), the names every
+    family so far shares: the default `attention_tensors` of `tensor_map` (`hf` = "model.layers.{i}.self_attn",
+    `module` = "transformer/layer_{i}/attn")."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    table = {**_linear(f"{hf}.q_proj", f"{module}/q_proj", q, c.d_model, c.qkv_bias),
+             **_linear(f"{hf}.k_proj", f"{module}/k_proj", kv, c.d_model, c.qkv_bias),
+             **_linear(f"{hf}.v_proj", f"{module}/v_proj", kv, c.d_model, c.qkv_bias),
+             **_linear(f"{hf}.o_proj", f"{module}/o_proj", c.d_model, q, c.o_bias)}
+    if c.attention_sinks:  # gpt-oss: one sink logit per query head
+        table[f"{hf}.sinks"] = TensorSpec((c.n_heads,), (Target(module, "sinks", transpose=False),))
+    if c.qk_norm != "none":
+        q_norm, k_norm = {"head": (c.head_dim, c.head_dim), "full": (q, kv)}[c.qk_norm]
+        table.update(_norm(f"{hf}.q_norm", f"{module}/q_norm", q_norm))
+        table.update(_norm(f"{hf}.k_norm", f"{module}/k_norm", k_norm))
+    return table
+
+
+def tensor_map(c: ModelConfig, moe_tensors, attention_tensors=gqa_tensors) -> TensorMap:
+    """The whole model's table; `moe_tensors(c, layer, hf_prefix, module)` adds a family's MoE block, and
+    `attention_tensors(c, layer, hf_prefix, module)` its attention (a family module's optional
+    `attention_tensors`; grouped-query attention's q/k/v/o_proj by default)."""
     table: TensorMap = {
         "model.embed_tokens.weight": TensorSpec((c.vocab_size, c.d_model),
                                                 (Target("transformer/embed", "embeddings", transpose=False),)),
@@ -229,22 +274,43 @@ def tensor_map(c: ModelConfig, moe_tensors) -> TensorMap:
     }
     if not c.tie_embeddings:
         table["lm_head.weight"] = TensorSpec((c.vocab_size, c.d_model), (Target("transformer", "lm_head"),))
-    q_norm, k_norm = {"none": (0, 0), "head": (c.head_dim, c.head_dim),
-                      "full": (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)}[c.qk_norm]
     for i in range(c.n_layers):
         hf, mod = f"model.layers.{i}", f"transformer/layer_{i}"
-        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         table.update(_norm(f"{hf}.input_layernorm", f"{mod}/input_norm", c.d_model))
         table.update(_norm(f"{hf}.post_attention_layernorm", f"{mod}/post_attn_norm", c.d_model))
-        table.update(_linear(f"{hf}.self_attn.q_proj", f"{mod}/attn/q_proj", q, c.d_model, c.qkv_bias))
-        table.update(_linear(f"{hf}.self_attn.k_proj", f"{mod}/attn/k_proj", kv, c.d_model, c.qkv_bias))
-        table.update(_linear(f"{hf}.self_attn.v_proj", f"{mod}/attn/v_proj", kv, c.d_model, c.qkv_bias))
-        table.update(_linear(f"{hf}.self_attn.o_proj", f"{mod}/attn/o_proj", c.d_model, q, c.o_bias))
-        if c.qk_norm != "none":
-            table.update(_norm(f"{hf}.self_attn.q_norm", f"{mod}/attn/q_norm", q_norm))
-            table.update(_norm(f"{hf}.self_attn.k_norm", f"{mod}/attn/k_norm", k_norm))
+        table.update(attention_tensors(c, i, f"{hf}.self_attn", f"{mod}/attn"))
         if c.moe_layers[i]:
             table.update(moe_tensors(c, i, hf, f"{mod}/moe"))
         else:
             table.update(swiglu_tensors(f"{hf}.mlp", f"{mod}/mlp", c.d_model, c.d_ff))
     return table
+
+
+# ----------------------------------------------------------------------------- partial rotary, selection
+# bias, multi-token-prediction layers (GLM-4.5, MiniMax-M2; DeepSeek-V3 shares the last two)
+
+def rotary_dim_from_hf(f: Fields, head_dim: int, default_factor: float = 1.0) -> int:
+    """ModelConfig.rotary_dim: int(head_dim * partial_rotary_factor), the factor read where transformers
+    looks first (rope_parameters, then the top level, then the family's default); 0 = the whole head."""
+    params = f.hf.get("rope_parameters") or f.hf.get("rope_scaling") or {}
+    factor = Fields(params if isinstance(params, dict) else {}, f.family).get(
+        "partial_rotary_factor", f.get("partial_rotary_factor", default_factor, float), float)
+    if not 0 < factor <= 1:
+        raise ConfigError(f"the rotary share of each head (partial_rotary_factor, or rotary_dim / head_dim) must be "
+                          f"in (0, 1], got {factor}", DAMAGED)
+    dim = int(head_dim * factor)
+    return 0 if dim == head_dim else dim
+
+
+def score_bias_tensor(name: str, module: str, n_experts: int) -> TensorMap:
+    """The router's selection-only bias (`e_score_correction_bias`) -> sigmoid_topk's `score_bias`."""
+    return {name: TensorSpec((n_experts,), (Target(module, "score_bias", transpose=False),))}
+
+
+def mtp_layers(f: Fields, key: str, default: int) -> tuple[str, ...]:
+    """Name prefixes of the `f[key]` multi-token-prediction modules stored as extra layers after the last
+    decoder layer, `model.layers.{n_layers + i}.` (DeepSeek-V3's MTP, Liu et al. 2024; GLM-4.5,
+    MiniMax-M2): they predict tokens further ahead for speculative decoding, which moecli does not do,
+    so a family's `ignored_tensors` returns them and the loader skips them."""
+    n_layers = f.need("num_hidden_layers")
+    return tuple(f"model.layers.{n_layers + i}." for i in range(f.get(key, default)))

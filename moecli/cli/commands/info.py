@@ -20,8 +20,8 @@ def info(
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Count the bytes as `--quantize q8|q4` "
                                                                     "would store the weights."),
 ) -> None:
-    """Print the architecture and the placement map: for each device, which experts of which
-    layers it holds and how many bytes of parameters."""
+    """Print the architecture, the parameter counts, the weights' and the KV cache's bytes, and the
+    placement map: for each device, which experts of which layers it holds and how many bytes of parameters."""
     import jax
     import numpy as np
 
@@ -36,8 +36,10 @@ def info(
     folder = hub.resolve_model(model, revision=revision)
     summary = hub.validate_checkpoint(folder)
     console = Console()
-    console.print(hub.summary_table(summary))
     config = load_config(folder)
+    table = hub.summary_table(summary)
+    table.add_row("KV cache", kv_cache_line(config, resolve_dtype(dtype)))
+    console.print(table)
     if quantize:
         config = config.replace(quant=quant_config(quantize))
     n = default_devices(config) if devices is None else devices
@@ -59,3 +61,22 @@ def info(
         table.add_row(p.device, experts, span, hub.human_bytes(p.expert_bytes), hub.human_bytes(p.replicated_bytes),
                       hub.human_bytes(p.total_bytes))
     console.print(table)
+
+
+def kv_cache_line(config, dtype) -> str:
+    """'70,272 B per token at bfloat16: 61 layers x 1,152 B (LatentCache); 8.6 GiB at the full 131,072-token
+    context', from the per-layer caches themselves (`moecli.model.sizes.kv_cache_bytes`)."""
+    import numpy as np
+
+    from moecli.hub.progress import human_bytes
+    from moecli.model.sizes import cache_bytes_at, kv_cache_bytes
+
+    groups = kv_cache_bytes(config, dtype)
+    per_token = sum(g.layers * g.bytes_per_token for g in groups)
+    kinds = "; ".join(
+        f"{g.layers} layer{'s' if g.layers != 1 else ''} x {g.bytes_per_token:,} B ({g.kind}"
+        + (f", a {g.window:,}-token sliding window: capped at it" if g.window else "")
+        + (f", + {g.fixed_bytes:,} B each whatever the length" if g.fixed_bytes else "") + ")" for g in groups)
+    context = config.max_position_embeddings
+    return (f"{per_token:,} B per token at {np.dtype(dtype).name}: {kinds}; "
+            f"{human_bytes(cache_bytes_at(groups, context))} at the full {context:,}-token context")

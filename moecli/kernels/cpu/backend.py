@@ -11,8 +11,9 @@ What XLA:CPU needs that other backends do not, kept here rather than in the mode
 - one decoding token's attention as a broadcast multiply and a sum, which XLA fuses into one pass
   over the cache (as a dot, it copied the cache into another layout every step).
 With the kernels (`moecli.kernels.cpu.ffi`; MOECLI_CPU_KERNELS=0 turns them off), matrix products,
-attention and the experts run in C++ for float32, bfloat16 and quantized (q8/q4) weights; float16
-weights, which the kernels do not read, take the XLA paths. Gradients always go through the pure-JAX references.
+attention and the experts run in C++ for float32, bfloat16 and quantized (q8/q4) weights, and MXFP4
+experts (gpt-oss) through a packed matrix-vector kernel; float16 weights, which the kernels do not
+read, take the XLA paths. Gradients always go through the pure-JAX references.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from moecli.kernels.cpu import ffi
 from moecli.kernels.gradients import with_reference_gradient
 from moecli.model import experts as E
+from moecli.model import mxfp4
 from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla, softmax_with_sinks
 from moecli.model.quant import QuantizedWeight, weight_dtype
 from moecli.model.router import Routing
@@ -81,11 +83,9 @@ def matmul_kernel(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     or AVX512-BF16 where the CPU has them)."""
     out_dtype = out_dtype or x.dtype
     if isinstance(w, QuantizedWeight):  # integers unpacked in registers; inference only (no gradient)
-        if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS:
-            return ffi.matvec_q(x, w.q, w.scale).astype(out_dtype)
-        if x.dtype == jnp.float32:  # float32 activations keep float32 accuracy (the engines may round to bf16)
-            return matmul_xla(x, w, out_dtype)
-        return ffi.matmul_q(x, w.q, w.scale).astype(out_dtype)
+        # A prompt's float32 x takes the float32 engine (`ffi.prompt_engine_cap`), exact.
+        kernel = ffi.matvec_q if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul_q
+        return kernel(x, w.q, w.scale).astype(out_dtype)
     if not reads(weight_dtype(w)):
         return matmul_xla(x, w, out_dtype)
     kernel = ffi.matvec if math.prod(x.shape[:-1]) <= ffi.DECODE_ROWS else ffi.matmul
@@ -109,20 +109,50 @@ def experts_kernel(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, el
 def experts_kernel_q(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False):
     """Dropless experts in C++ on quantized weights (`moecli.model.quant`): each packed byte read
     once, unpacked and scaled in registers when decoding; dequantized while packing for a prompt's
-    grouped product. Inference only: training never sees quantized weights."""
-    if x.shape[0] > ffi.DECODE_ROWS and x.dtype == jnp.float32:
-        # A prompt in float32: the grouped engine may round activations to bfloat16 (AMX, AVX512-BF16),
-        # which float32 weights never are; keep float32 accuracy through the reference path.
-        return E.experts_blocked(x, w_gate, w_up, w_down, routing, n_experts)
+    grouped product, on the float32 engine for float32 activations (`ffi.prompt_engine_cap`).
+    Inference only: training never sees quantized weights."""
     y = ffi.experts_q(x, routing.experts, routing.weights, w_gate.q, w_gate.scale, w_up.q, w_up.scale,
                       w_down.q, w_down.scale)
+    return y.astype(x.dtype)
+
+
+def experts_kernel_mxfp4(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False,
+                         glu=E.silu_glu, biases=None):
+    """Dropless experts of any gating and biases (gpt-oss's clamped SwiGLU) on MXFP4 weights
+    (`moecli.model.mxfp4`): the gate, up and down products of every assignment by the packed kernel
+    (csrc/mxfp4.cc: each chosen expert's bytes read once, unpacked by a table in registers, ~7.5x
+    fewer bytes than float32), the biases and gating in JAX, in float32, between them. Tokens of
+    one expert share its reads, so prompts take it too. Ids outside [0, n_experts) contribute 0.
+    Inference only: training never sees MXFP4 weights."""
+    tokens, top_k = routing.experts.shape
+    ids = routing.experts.reshape(-1)                                     # [n] assignments, token-major
+    here = (ids >= 0) & (ids < n_experts)
+    b_gate, b_up, b_down = biases or (None, None, None)
+
+    def product(rows, w, b):                                              # [n, in] -> float32 [n, out]
+        y = ffi.expert_matvec_mxfp4(rows, ids, w.blocks, w.scales)
+        return y if b is None else y + b[jnp.where(here, ids, 0)].astype(jnp.float32)
+
+    xs = jnp.repeat(x, top_k, axis=0)                                     # [n, d]
+    hidden = glu(product(xs, w_gate, b_gate), product(xs, w_up, b_up))    # [n, f]
+    y = jnp.where(here[:, None], product(hidden, w_down, b_down), 0)      # [n, d]
+    y = jnp.einsum("tk,tkd->td", routing.weights.astype(jnp.float32), y.reshape(tokens, top_k, -1))
     return y.astype(x.dtype)
 
 
 def pick_experts(tokens: int, top_k: int, n_experts: int, dtype):
     if jnp.dtype(dtype) in (jnp.int8, jnp.uint8):   # a QuantizedWeight's integers
         return experts_kernel_q
+    if jnp.dtype(dtype) == jnp.dtype(mxfp4.DTYPE):  # MXFP4 (`quant.weight_dtype`)
+        return experts_kernel_mxfp4
     return experts_kernel if reads(dtype) else experts_xla(tokens, top_k, n_experts, dtype)
+
+
+def pick_gated_experts(tokens: int, top_k: int, n_experts: int, dtype):
+    """`Ops.gated_experts`: MXFP4 weights through their kernel, others the pure-JAX experts."""
+    if jnp.dtype(dtype) == jnp.dtype(mxfp4.DTYPE):
+        return experts_kernel_mxfp4
+    return experts_xla(tokens, top_k, n_experts, dtype)
 
 
 def cpu_ops() -> Ops:
@@ -130,5 +160,5 @@ def cpu_ops() -> Ops:
     common = dict(keys_transposed=True, float32_cache=True, isolate=isolate)
     if ffi.available():
         return Ops("cpu-kernels", matmul=matmul_kernel, attention=attend_kernel, experts=pick_experts,
-                   notes=(ffi.status(),), **common)
+                   gated_experts=pick_gated_experts, notes=(ffi.status(),), **common)
     return Ops("xla-cpu", attention=attend_xla_cpu, notes=(ffi.status(),), **common)

@@ -22,7 +22,9 @@ Quantized weights (`--quantize q8|q4`: int8, or int4 packed two a byte, with a f
 group of rows; the layout in csrc/quant_unpack.h) have their own kernels, `matvec_q`, `matmul_q`
 and `experts_q`: decoding reads the packed bytes in place and scales each group's sums in
 registers (csrc/quant_matvec.h); prompts dequantize while packing the matrix engine's panels
-(csrc/quant_pack.h), so they run on the same float32 / AVX512-BF16 / AMX engine as bfloat16.
+(csrc/quant_pack.h), so they run on the same float32 / AVX512-BF16 / AMX engine as bfloat16, capped
+per call (`prompt_engine_cap`): float32 activations (a float32 model quantized) take the float32
+engine, exact, whatever the process's bfloat16 engine; bfloat16 ones take the fastest.
 
 The shared library is built with the system C++ compiler ($CXX, else g++ or c++) by `pip install`
 (setup.py; the library then ships inside the package), or else into moecli's cache folder the first
@@ -135,7 +137,8 @@ def available() -> bool:
                              ("moecli_grouped_experts", "MoecliGroupedExperts"), ("moecli_attention", "MoecliAttention"),
                              ("moecli_matmul", "MoecliMatmul"), ("moecli_matvec_q", "MoecliMatvecQ"),
                              ("moecli_matmul_q", "MoecliMatmulQ"), ("moecli_experts_q", "MoecliExpertsQ"),
-                             ("moecli_grouped_experts_q", "MoecliGroupedExpertsQ")):
+                             ("moecli_grouped_experts_q", "MoecliGroupedExpertsQ"),
+                             ("moecli_expert_matvec_mxfp4", "MoecliExpertMatvecMxfp4")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -280,7 +283,19 @@ PACKED_DTYPES = ("int8", "uint8")  # q8; q4 (two int4 values a byte), csrc/quant
 SCALE_DTYPES = ("float16",)
 
 
-def _quantized_product(target: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+def prompt_engine_cap(x: jax.Array, engine_cap: str | None = None) -> dict:
+    """The quantized prompt kernels' per-call engine cap, as their `engine_cap` attribute: the best
+    engine of BF16_ENGINES the call may use (a lower one where the CPU or MOECLI_CPU_BF16 says so).
+    By default "float32" unless x is bfloat16: AMX and AVX512-BF16 round activations to bfloat16,
+    which loses float32 (and float16) activations' precision but not bfloat16 ones'."""
+    if engine_cap is None:
+        engine_cap = "amx" if jnp.dtype(x.dtype) == jnp.bfloat16 else "float32"
+    if engine_cap not in BF16_ENGINES:
+        raise ValueError(f"engine_cap={engine_cap!r}: expected one of {', '.join(BF16_ENGINES)}")
+    return {"engine_cap": np.int64(BF16_ENGINES.index(engine_cap))}
+
+
+def _quantized_product(target: str, x: jax.Array, q: jax.Array, scale: jax.Array, **attributes) -> jax.Array:
     """x [..., k] @ W [k, n] through the kernel `target`, W quantized as (q, scale); float32."""
     _require()
     _check_dtypes(target, ACTIVATION_DTYPES, x=x)
@@ -288,7 +303,7 @@ def _quantized_product(target: str, x: jax.Array, q: jax.Array, scale: jax.Array
     _check_dtypes(target, SCALE_DTYPES, scale=scale)
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], q.shape[-1]), jnp.float32))
-    return call(rows, q, scale).reshape(*x.shape[:-1], q.shape[-1])
+    return call(rows, q, scale, **attributes).reshape(*x.shape[:-1], q.shape[-1])
 
 
 def matvec_q(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
@@ -298,24 +313,40 @@ def matvec_q(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     return _quantized_product("moecli_matvec_q", x, q, scale)
 
 
-def matmul_q(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """`matvec_q` for a prompt's rows: the matrix engine of bfloat16 weights (see `bf16_engine`),
-    the weights dequantized as it packs them (csrc/quant_pack.h). Float32."""
-    return _quantized_product("moecli_matmul_q", x, q, scale)
+def matmul_q(x: jax.Array, q: jax.Array, scale: jax.Array, engine_cap: str | None = None) -> jax.Array:
+    """`matvec_q` for a prompt's rows: the matrix engine of bfloat16 weights (see `bf16_engine`) at
+    or below `engine_cap` (`prompt_engine_cap`: float32 activations on the float32 engine), the
+    weights dequantized as it packs them (csrc/quant_pack.h). Float32."""
+    return _quantized_product("moecli_matmul_q", x, q, scale, **prompt_engine_cap(x, engine_cap))
 
 
 def experts_q(x, expert_ids, gate_weights, w_gate_q, w_gate_scale, w_up_q, w_up_scale, w_down_q,
-              w_down_scale) -> jax.Array:
+              w_down_scale, engine_cap: str | None = None) -> jax.Array:
     """`experts` with quantized weights, each a (q, scale) pair as in `matvec_q` with a leading
     [experts] axis: q [experts, d, f] or [experts, d / 2, f] (w_down: f and d swapped), scale
     [experts, rows / G, columns]; all three q int8 or all three uint8. Float32; ids outside
-    [0, experts) skipped. A few tokens decode (csrc/cpu_kernels.cc), more take the grouped product."""
+    [0, experts) skipped. A few tokens decode (csrc/cpu_kernels.cc), more take the grouped product
+    on the engine `engine_cap` allows (as in `matmul_q`)."""
     _require()
     kernel = "moecli_experts_q" if x.shape[0] <= DECODE_ROWS else "moecli_grouped_experts_q"
     _check_dtypes(kernel, ACTIVATION_DTYPES, x=x)
     _check_dtypes(kernel, PACKED_DTYPES, w_gate_q=w_gate_q)
     _check_dtypes(kernel, (jnp.dtype(w_gate_q.dtype).name,), w_up_q=w_up_q, w_down_q=w_down_q)  # all three alike
     _check_dtypes(kernel, SCALE_DTYPES, w_gate_scale=w_gate_scale, w_up_scale=w_up_scale, w_down_scale=w_down_scale)
+    attributes = prompt_engine_cap(x, engine_cap) if kernel == "moecli_grouped_experts_q" else {}
     call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct(x.shape, jnp.float32))
     return call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), gate_weights.astype(jnp.float32),
-                w_gate_q, w_gate_scale, w_up_q, w_up_scale, w_down_q, w_down_scale)
+                w_gate_q, w_gate_scale, w_up_q, w_up_scale, w_down_q, w_down_scale, **attributes)
+
+
+def expert_matvec_mxfp4(x: jax.Array, expert_ids: jax.Array, blocks: jax.Array, scales: jax.Array) -> jax.Array:
+    """y[a] = x[a] @ W[expert_ids[a]] for rows x [a, k], W a stack of MXFP4 matrices [e, k, n]
+    (`moecli.model.mxfp4`: blocks uint8 [e, n, k / 2], scales uint8 [e, n, k / 32]); float32 [a, n],
+    rows whose id is outside [0, e) zero. Each chosen expert's bytes read once, in place, unpacked and
+    scaled in registers (csrc/mxfp4.cc)."""
+    _require()
+    kernel = "moecli_expert_matvec_mxfp4"
+    _check_dtypes(kernel, ACTIVATION_DTYPES, x=x)
+    _check_dtypes(kernel, ("uint8",), blocks=blocks, scales=scales)
+    call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((x.shape[0], blocks.shape[1]), jnp.float32))
+    return call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), blocks, scales)

@@ -15,14 +15,14 @@ from moecli.kernels.gpu import pallas
 from moecli.kernels.gradients import with_reference_gradient
 from moecli.model import experts as E
 from moecli.model.ops import Ops
-from moecli.model.quant import QuantizedWeight
+from moecli.model.quant import is_packed
 from moecli.model.router import Routing
 
 
 def _with_fallback(kernel, fallback, x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool):
     """kernel(x, ids, gate weights, w_gate, w_up, w_down), with `fallback` (the pure-JAX path computing
     the same thing) for its gradients and for the expert stacks the kernels cannot take."""
-    if isinstance(w_gate, QuantizedWeight) or not pallas.applies(*w_gate.shape):
+    if is_packed(w_gate) or not pallas.applies(*w_gate.shape):  # integers or MXFP4: the pure-JAX path
         return fallback(x, w_gate, w_up, w_down, routing, n_experts, elsewhere)
 
     def reference(x, experts, weights, w_gate, w_up, w_down):

@@ -15,7 +15,11 @@
 // caps the choice.
 //
 // Quantized weights (moecli_matmul_q, moecli_grouped_experts_q: int8 / int4 with float16 scales)
-// take the same path as bfloat16 ones, dequantized as the engine packs them (csrc/quant_pack.h).
+// take the same path as bfloat16 ones, dequantized as the engine packs them (csrc/quant_pack.h),
+// with one difference: the engine is capped per call (the attribute engine_cap), because their
+// activations may be float32 (a float32 model quantized), which AMX and AVX512-BF16 would round
+// to bfloat16; moecli/kernels/cpu/ffi.py caps those calls at the float32 engine, so float32
+// activations stay exact while bfloat16 ones keep the fastest engine.
 
 #include <algorithm>
 #include <atomic>
@@ -67,10 +71,11 @@ Bf16Engine bf16_engine() {
   return engine;
 }
 
-// run(E{}): the kernel body with the engine E for bfloat16 (or quantized) weights.
+// run(E{}): the kernel body with the engine E for bfloat16 (or quantized) weights: bf16_engine(),
+// or the best below it that `cap` (a Bf16Engine, per call) allows.
 template <typename Run>
-ffi::Error with_bf16_engine(Run run) {
-  switch (bf16_engine()) {
+ffi::Error with_bf16_engine(Run run, int64_t cap = kAmx) {
+  switch (std::max<int64_t>(bf16_engine(), cap)) {
     case kAmx: return run(AmxEngine{});
     case kDpbf16: return run(Dpbf16Engine{});
     default: return run(Fp32Engine{});
@@ -187,18 +192,29 @@ ffi::Error GroupedExperts(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   });
 }
 
+// The per-call engine cap of the quantized prompt kernels (see the top of this file): a Bf16Engine.
+ffi::Error check_engine_cap(const char* kernel, int64_t cap) {
+  if (cap >= kAmx && cap <= kFp32) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": engine_cap " + std::to_string(cap) +
+                                     " is not 0 (amx), 1 (dpbf16) or 2 (float32)");
+}
+
 ffi::Error GroupedExpertsQ(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer experts, ffi::AnyBuffer gates,
                            ffi::AnyBuffer gate_q, ffi::AnyBuffer gate_s, ffi::AnyBuffer up_q, ffi::AnyBuffer up_s,
-                           ffi::AnyBuffer down_q, ffi::AnyBuffer down_s, ffi::Result<ffi::AnyBuffer> y) {
+                           ffi::AnyBuffer down_q, ffi::AnyBuffer down_s, ffi::Result<ffi::AnyBuffer> y,
+                           int64_t engine_cap) {
   if (ffi::Error error = moecli::check_quantized_experts("moecli_grouped_experts_q", x, experts, gates, gate_q, gate_s,
                                                          up_q, up_s, down_q, down_s, *y);
       error.failure())
     return error;
+  if (ffi::Error error = check_engine_cap("moecli_grouped_experts_q", engine_cap); error.failure()) return error;
   return moecli::with_quantized_experts(
       x, gate_q, gate_s, up_q, up_s, down_q, down_s, [&](auto wg, auto wu, auto wd, int64_t n_experts, int64_t f) {
-        return with_bf16_engine([&](auto engine) {
-          return GroupedExpertsImpl<decltype(engine)>(pool, x, experts, gates, wg, wu, wd, n_experts, f, *y);
-        });
+        return with_bf16_engine(
+            [&](auto engine) {
+              return GroupedExpertsImpl<decltype(engine)>(pool, x, experts, gates, wg, wu, wd, n_experts, f, *y);
+            },
+            engine_cap);
       });
 }
 
@@ -245,12 +261,13 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 }
 
 ffi::Error MatmulQ(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
-                   ffi::Result<ffi::AnyBuffer> y) {
+                   ffi::Result<ffi::AnyBuffer> y, int64_t engine_cap) {
   if (ffi::Error error = moecli::check_quantized_product("moecli_matmul_q", x, q, scale, *y); error.failure())
     return error;
+  if (ffi::Error error = check_engine_cap("moecli_matmul_q", engine_cap); error.failure()) return error;
   return moecli::with_quantized(q, scale, x.dimensions()[1], [&](auto w) {
     return with_bf16_engine(
-        [&](auto engine) { return MatmulImpl<decltype(engine)>(pool, x, w, q.dimensions()[1], *y); });
+        [&](auto engine) { return MatmulImpl<decltype(engine)>(pool, x, w, q.dimensions()[1], *y); }, engine_cap);
   });
 }
 
@@ -260,9 +277,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmul, Matmul, moecli::product_binding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExperts, GroupedExperts, moecli::experts_binding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmulQ, MatmulQ, moecli::quantized_product_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliMatmulQ, MatmulQ, moecli::quantized_product_binding().Attr<int64_t>("engine_cap"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExpertsQ, GroupedExpertsQ, moecli::quantized_experts_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoecliGroupedExpertsQ, GroupedExpertsQ,
+                              moecli::quantized_experts_binding().Attr<int64_t>("engine_cap"));
 
 // For `moe generate --verbose` and the tests: the engine of bfloat16 prompts (see bf16_engine).
 extern "C" int MoecliBf16Engine() { return bf16_engine(); }
