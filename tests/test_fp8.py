@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from hf_models import build, hf_greedy, hf_logits, save
 from moecli import generate_tokens, load_model
 from moecli.checkpoints import fp8, loader
+from moecli.checkpoints.families import load_config
 from moecli.checkpoints.summary import validate_checkpoint
 from moecli.errors import CheckpointError, ConfigError, ResourceError
 from moecli.model.sizes import parameter_counts
@@ -255,8 +256,6 @@ def test_weight_and_scale_in_different_shards_pair_up(ragged, tmp_path):
 def test_the_memory_check_counts_the_dequantized_size(ragged, monkeypatch):
     """FP8 is a quarter of float32 on disk, but the weights are float32 in memory once loaded."""
     folder, _ = ragged
-    from moecli.checkpoints.families import load_config
-
     f32 = parameter_counts(load_config(folder)).total * 4
     on_disk = (folder / "model.safetensors").stat().st_size
     assert on_disk < 0.6 * f32
