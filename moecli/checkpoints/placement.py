@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from moecli.checkpoints import mxfp4 as mxfp4_checkpoint
 from moecli.model import mxfp4, quant
+from moecli.model.router import FLOAT32_PARAMS
 from moecli.model.sharding import partition_spec, sharding_for
 
 
@@ -66,7 +67,7 @@ class Placer:
                 return [(f"{param}_q", array.q, array.q.dtype), (f"{param}_scale", array.scale, np.float16)]
             array = np.asarray(quant.dequantize(quant.QuantizedWeight(array.q, array.scale)))
         if not bits:
-            return [(param, array, self.dtype)]
+            return [(param, array, np.dtype(np.float32) if param in FLOAT32_PARAMS else self.dtype)]
         q, scale = quant.quantize(array, bits, self.quant.group)
         return [(f"{param}_q", q, q.dtype), (f"{param}_scale", scale, scale.dtype)]
 

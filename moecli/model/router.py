@@ -110,5 +110,9 @@ def topk_softmax(x: jax.Array, router_w: jax.Array, config: ModelConfig, disable
     return Routing(experts.astype(jnp.int32), jax.nn.softmax(top, axis=-1), logits)
 
 
+#: Router parameters kept in float32 whatever the weights' dtype (the loader reads this): a selection
+#: bias decides near-ties between experts' scores, which bfloat16's 8 mantissa bits would blur.
+FLOAT32_PARAMS = frozenset({"score_bias"})
+
 #: config.router -> the router function; a family picks one by name.
 ROUTERS = {"softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk, "topk_softmax": topk_softmax}
