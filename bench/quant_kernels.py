@@ -18,6 +18,17 @@ and within each the kinds alternate over `--repeats`; the table shows medians.
 
     MOECLI_CACHE=/tmp/moecache python bench/quant_kernels.py
     python bench/quant_kernels.py --rounds 5 --json /tmp/quant.json
+
+`--prefill` measures prompts instead: a 512-token prompt (float32 activations) through one
+granite-1b-a400m-shaped layer's quantized products (q, k, v, o projections [1024 -> 1024, 512,
+512, 1024] and the experts, routed by a random router: ragged tokens per expert), q8 and q4, on
+the reference path (dequantize, then XLA's dot and `experts_blocked`, which quantized float32
+prompts took before) and on the kernels (`matmul_q` / `experts_q` on the float32 engine),
+alternating `--rounds` times in one process per vector path; per-pair ratios, within one run.
+`--checkpoint FOLDER` times a whole model's prefill (to its first token) the same way instead.
+
+    python bench/quant_kernels.py --prefill --rounds 3
+    python bench/quant_kernels.py --prefill --checkpoint /tmp/moecache/bench/granite-1b-a400m-float32
 """
 from __future__ import annotations
 
@@ -135,6 +146,144 @@ def worker(args) -> None:
     print(json.dumps({"isa": ffi.cpu_isa(), "gbps": results}))
 
 
+PREFILL = {"tokens": 512, "projections": (1024, 512, 512, 1024), **GRANITE}
+
+
+def reference_ops():
+    """The CPU backend's operations as they were before quantized float32 prompts ran in C++ (the
+    "before" of --prefill): such prompts dequantized, then XLA's dot and `experts_blocked`."""
+    import dataclasses
+    import math
+
+    import jax.numpy as jnp
+
+    from moecli.kernels.cpu import backend, ffi
+    from moecli.model import experts as E
+    from moecli.model.quant import QuantizedWeight
+
+    def detour(x) -> bool:  # a prompt's rows in float32
+        return math.prod(x.shape[:-1]) > ffi.DECODE_ROWS and x.dtype == jnp.float32
+
+    def matmul(x, w, out_dtype=None):
+        reference = isinstance(w, QuantizedWeight) and detour(x)
+        return (backend.matmul_xla if reference else backend.matmul_kernel)(x, w, out_dtype)
+
+    def experts_q(x, *args, **kwargs):
+        return (E.experts_blocked if detour(x) else backend.experts_kernel_q)(x, *args, **kwargs)
+
+    def pick(*args):
+        chosen = backend.pick_experts(*args)
+        return experts_q if chosen is backend.experts_kernel_q else chosen
+
+    return dataclasses.replace(backend.cpu_ops(), name="cpu-kernels-before", matmul=matmul, experts=pick)
+
+
+def layer_programs(kind: str, rng: np.random.Generator):
+    """(before, after): PREFILL's layer in `kind` (q8, q4) on a random prompt, each a function of
+    no arguments giving every product's result, on `reference_ops()` and on the kernels."""
+    import jax
+    import jax.numpy as jnp
+
+    from moecli.kernels.cpu import backend
+    from moecli.model.quant import QuantizedWeight
+    from moecli.model.router import Routing, route
+
+    t, d, f, e, top_k = (PREFILL[key] for key in ("tokens", "d", "f", "experts", "top_k"))
+    shapes = [(d, n) for n in PREFILL["projections"]] + [(e, d, f), (e, d, f), (e, f, d)]
+    operands = [jnp.array(a) for shape in shapes for a in weights(kind, shape, rng)]
+    router = jnp.array(rng.standard_normal((d, e), np.float32))
+    x = jnp.array(rng.standard_normal((t, d), np.float32))
+
+    def layer(ops):
+        def run(x, *flat):
+            ws = [QuantizedWeight(*flat[i:i + 2]) for i in range(0, len(flat), 2)]
+            r = route(x[None], router, top_k, renormalise=True)
+            routing = Routing(r.experts[0], r.weights[0], None)                  # [tokens, top_k]
+            experts = ops.experts(t, top_k, e, ws[4].q.dtype)
+            return [ops.matmul(x, w) for w in ws[:4]] + [experts(x, *ws[4:], routing, e)]
+        program = jax.jit(run)
+        return lambda: program(x, *operands)
+
+    return layer(reference_ops()), layer(backend.cpu_ops())
+
+
+def model_programs(kind: str, checkpoint: Path):
+    """(before, after): the first token of PREFILL's prompt (random ids) through the model at
+    `checkpoint` loaded in float32 and quantized to `kind`, as `moe bench` times it (its ttft)."""
+    from moecli.benchmark.harness import prompt_ids
+    from moecli.inference.decoder import Decoder
+    from moecli.inference.engine import Model, load_model
+    from moecli.inference.sampling import SamplingParams
+
+    loaded = load_model(checkpoint, dtype="float32", quantize=kind)
+    prompt = [int(i) for i in prompt_ids(loaded.config.vocab_size, PREFILL["tokens"])]
+
+    def first_token(ops):
+        decoder = Decoder(Model(loaded.config, loaded.params, mesh=loaded.mesh, ops=ops), max_len=len(prompt) + 16)
+
+        def run():
+            decoder.reset()
+            return list(decoder.tokens(prompt, SamplingParams(), max_new_tokens=1))
+        return run
+
+    return first_token(reference_ops()), first_token(loaded.ops)
+
+
+def prefill_worker(args) -> None:
+    """One process, one vector path: seconds of the prefill, before and after, alternating."""
+    import jax
+
+    from moecli.kernels.cpu import ffi
+
+    assert ffi.available(), ffi.status()
+    rng = np.random.default_rng(0)
+    results = {}
+    for kind in ("q8", "q4"):
+        programs = model_programs(kind, args.checkpoint) if args.checkpoint else layer_programs(kind, rng)
+        outputs = [jax.block_until_ready(program()) for program in programs]  # compile, and compare
+        error = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+                          / max(np.max(np.abs(np.asarray(b, np.float64))), 1e-30))
+                    for a, b in zip(jax.tree.leaves(outputs[1]), jax.tree.leaves(outputs[0])))
+        seconds = {"before": [], "after": []}
+        for _ in range(args.rounds):
+            for name, program in zip(seconds, programs):
+                begin = time.perf_counter()
+                jax.block_until_ready(program())
+                seconds[name].append(time.perf_counter() - begin)
+        results[kind] = {"seconds": seconds, "max_rel_diff": error}
+        del programs
+    print(json.dumps({"isa": ffi.cpu_isa(), "engine": ffi.bf16_engine(), "prefill": results}))
+
+
+def prefill_table(results: dict[str, dict], checkpoint: Path | None) -> None:
+    """The --prefill results of each vector path as a table, with every pair's ratio."""
+    tokens = PREFILL["tokens"]
+    what = f"the model at {checkpoint} (to its first token)" if checkpoint else \
+        "one granite-1b-a400m-shaped layer's quantized products"
+    print(f"{tokens}-token prompt, float32 activations, {what}: tok/s (before = reference path, "
+          "after = kernels), runs in order; max rel diff: after against before")
+    print("| path | weights | before tok/s | after tok/s | after / before, each pair | median | max rel diff |")
+    print("| --- | --- | --- | --- | --- | ---: | ---: |")
+    for path, result in results.items():
+        for kind, r in result["prefill"].items():
+            before, after = r["seconds"]["before"], r["seconds"]["after"]
+            ratios = [b / a for b, a in zip(before, after)]
+            print(f"| {path} ({result['isa']}) | {kind} | " + ", ".join(f"{tokens / s:.0f}" for s in before)
+                  + " | " + ", ".join(f"{tokens / s:.0f}" for s in after) + " | "
+                  + ", ".join(f"{q:.2f}x" for q in ratios) + f" | {statistics.median(ratios):.2f}x"
+                  + f" | {r['max_rel_diff']:.1e} |")
+
+
+def run_worker(path: str, *options: str) -> dict:
+    """This script's worker (`options` after --worker) in a fresh process for the vector path `path`: its JSON."""
+    command = [sys.executable, __file__, "--worker", *options]
+    out = subprocess.run(command, env={**os.environ, "MOECLI_CPU_ISA": path}, capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        sys.exit(f"{path}: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="processes per vector path, alternating")
@@ -142,25 +291,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="calls chained in one jitted program")
     parser.add_argument("--mb", type=float, default=768, help="MB of weight copies per kind (more than the L3)")
     parser.add_argument("--json", type=Path, help="also write the samples here")
+    parser.add_argument("--prefill", action="store_true", help="prompts: reference path vs kernels, float32")
+    parser.add_argument("--checkpoint", type=Path, help="--prefill: this model's whole prefill, not one layer")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args)
+        return prefill_worker(args) if args.prefill else worker(args)
 
     from moecli.kernels.cpu import ffi
 
     paths = ["native"] + ["avx2"] * ffi.supports_avx2()
     samples: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
     isas = {}
+    if args.prefill:  # one process per path, the rounds alternating inside it
+        model = ("--checkpoint", str(args.checkpoint)) if args.checkpoint else ()
+        prefill = {path: run_worker(path, "--prefill", "--rounds", str(args.rounds), *model) for path in paths}
+        prefill_table(prefill, args.checkpoint)
+        if args.json:
+            args.json.write_text(json.dumps(prefill, indent=1))
+        return
     for round_ in range(args.rounds):
         for path in paths:
-            command = [sys.executable, __file__, "--worker", "--repeats", str(args.repeats), "--steps",
-                       str(args.steps), "--mb", str(args.mb)]
-            out = subprocess.run(command, env={**os.environ, "MOECLI_CPU_ISA": path}, capture_output=True, text=True,
-                                 check=False)
-            if out.returncode != 0:
-                sys.exit(f"{path}: {out.stderr.strip()[-2000:]}")
-            result = json.loads(out.stdout.splitlines()[-1])
+            result = run_worker(path, "--repeats", str(args.repeats), "--steps", str(args.steps), "--mb", str(args.mb))
             isas[path] = result["isa"]
             for key, values in result["gbps"].items():
                 samples[path].setdefault(key, []).extend(values)

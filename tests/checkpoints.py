@@ -9,8 +9,9 @@ from tokenizer_fixtures import make_bpe_tokenizer, make_sentencepiece_tokenizer
 TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 
 
-def chat_checkpoint(folder: Path, kind: str = "chatml", **overrides) -> Path:
-    """A tiny random Mixtral with a real tokenizer: "chatml" (tokenizer.json + Qwen's ChatML
+def chat_checkpoint(folder: Path, kind: str = "chatml", model_type: str = "mixtral", **overrides) -> Path:
+    """A tiny random model (a Mixtral of 4 experts unless `model_type` names another of
+    `hf_models.CONFIGS`) with a real tokenizer: "chatml" (tokenizer.json + Qwen's ChatML
     template), "mistral" (tokenizer.model + the Mistral-instruct template) or "plain"
     (tokenizer.model, no template)."""
     folder = Path(folder)
@@ -25,6 +26,7 @@ def chat_checkpoint(folder: Path, kind: str = "chatml", **overrides) -> Path:
     from moecli.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(folder)
-    model = build("mixtral", vocab_size=max(vocab, tok.vocab_size), num_local_experts=4,
-                  eos_token_id=tok.eos_ids[0] if tok.eos_ids else eos, **overrides)
+    defaults = dict(num_local_experts=4) if model_type == "mixtral" else {}
+    model = build(model_type, **{**defaults, "vocab_size": max(vocab, tok.vocab_size),
+                                 "eos_token_id": tok.eos_ids[0] if tok.eos_ids else eos, **overrides})
     return save(model, folder)

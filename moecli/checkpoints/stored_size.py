@@ -121,8 +121,11 @@ def _compressed(shape: tuple[int, ...], scheme: ct.Scheme, itemsize: int, dtype:
     *lead, d_in, d_out = shape
     count = math.prod(lead)
     groups = 1 if scheme.group_size is None else -(-d_in // scheme.group_size)
-    words = lambda rows, cols: rows * -(-cols * scheme.bits // 32) * 4  # noqa: E731 (int32 words of a packed row)
-    if scheme.format == ct.PACKED:
+
+    def words(rows: int, cols: int) -> int:  # bytes of int32 words holding `cols` values a row
+        return rows * -(-cols * scheme.bits // 32) * 4
+
+    if scheme.format == ct.PACKED:  # + weight_shape, int64 [2]; zero points packed down the outputs
         values, extra = words(d_out, d_in) + 16, 0 if scheme.symmetric else words(groups, d_out)
     else:
         values, extra = d_out * d_in, 0 if scheme.symmetric else d_out * groups

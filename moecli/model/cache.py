@@ -5,7 +5,8 @@ values do not change; storing them makes a decode step cost O(context) instead o
 whole prefix. Each layer's cache is of its attention kind's own type (`moecli.model.attention.ATTENTION`
 pairs them): keys and values (`KVCache`), or multi-head latent attention's compressed latents
 (`moecli.model.mla.LatentCache`); recurrent states would fit the same interface — `empty(...)`
-builds one, the layer's attention reads and writes it — so the decoder, chat cache reuse and sharding never look inside.
+builds one, the layer's attention reads and writes it — so the decoder, chat cache reuse and
+sharding never look inside.
 
 Caches are preallocated to a fixed length, so shapes never change; the write position is an
 array (`Cache.pos`), not a Python int, so every decode step has the same shapes and compiles once.

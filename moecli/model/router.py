@@ -110,9 +110,10 @@ def topk_softmax(x: jax.Array, router_w: jax.Array, config: ModelConfig, disable
     return Routing(experts.astype(jnp.int32), jax.nn.softmax(top, axis=-1), logits)
 
 
-#: Router parameters kept in float32 whatever the weights' dtype (the loader reads this): a selection
-#: bias decides near-ties between experts' scores, which bfloat16's 8 mantissa bits would blur.
-FLOAT32_PARAMS = frozenset({"score_bias"})
+#: Router parameters kept in float32 whatever the weights' dtype (the loader reads this), as DeepSeek-V3
+#: and GLM-4.5 keep them: the router decides near-ties between experts, which bfloat16's 8 mantissa
+#: bits would blur, and it is a d_model x n_experts matrix, a negligible share of the bytes.
+FLOAT32_PARAMS = frozenset({"router", "router_bias", "score_bias"})
 
 #: config.router -> the router function; a family picks one by name.
 ROUTERS = {"softmax_topk": softmax_topk, "sigmoid_topk": sigmoid_topk, "topk_softmax": topk_softmax}

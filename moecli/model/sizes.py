@@ -32,7 +32,7 @@ def parameter_shapes(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeS
     return {module: dict(group) for module, group in _traced(config).items()}
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)  # a few thousand shapes each
 def _traced(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
     model = transformed(config)
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))

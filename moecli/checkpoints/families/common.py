@@ -8,7 +8,8 @@ A family module (mixtral.py, qwen_moe.py, olmoe.py) is declarations, not model c
     attention_tensors(config, layer, hf_prefix, module) -> TensorMap  # optional: its attention's (default: GQA's)
     ignored_tensors(hf: dict) -> tuple[str, ...]           # optional: name prefixes the loader skips
 The norms' and dense layers' tensor names are the Hugging Face ones every family shares, and so
-are grouped-query attention's (`tensor_map`, `gqa_tensors`); `moecli.checkpoints.families` registers the module under its model_type(s), and
+are grouped-query attention's (`tensor_map`, `gqa_tensors`); `moecli.checkpoints.families`
+registers the module under its model_type(s), and
 `moecli.checkpoints.loader` does the rest.
 """
 from __future__ import annotations

@@ -71,7 +71,8 @@ def moe_layers(f: Fields, n_layers: int, n_experts: int) -> tuple[bool, ...]:
             raise ConfigError(f"mlp_layer_types must list 'dense' or 'sparse' for each of {n_layers} layers, got "
                               f"{str(types)[:60]}", DAMAGED)
         return tuple(t == "sparse" and n_experts > 0 for t in types)
-    first, every = f.get("first_k_dense_replace", default(f.family, "first_k_dense_replace")), f.get("moe_layer_freq", 1)
+    first = f.get("first_k_dense_replace", default(f.family, "first_k_dense_replace"))
+    every = f.get("moe_layer_freq", 1)
     return tuple(n_experts > 0 and i >= first and i % every == 0 for i in range(n_layers))
 
 

@@ -5,7 +5,9 @@ YaRN RoPE (32x over a 4096-token original context, untruncated ramp); a router w
 the top-k logits and softmaxes over them alone (`topk_softmax`); experts with biases and a clamped
 SwiGLU (`clamped_swiglu`). transformers stores each layer's experts fused, already [in, out]:
 gate_up_proj [e, d, 2f] with gate and up *interleaved* (even columns gate, odd up), down_proj [e, f, d].
-This module reads float weights as `save_pretrained` writes them; the Hub's MXFP4 blocks are not these.
+The table names the float tensors `save_pretrained` writes; the Hub's MXFP4 checkpoints store each expert
+stack as `{name}_blocks` / `{name}_scales`, which `moecli.checkpoints.mxfp4` pairs back into `{name}`
+(kept packed: `moecli.model.mxfp4`), so the same entries serve both.
 """
 from __future__ import annotations
 

@@ -1,0 +1,210 @@
+"""Routing views, expert masks and chat cache reuse for every checkpoint family in
+`moecli.checkpoints.families.FAMILIES`, each on one tiny random checkpoint (with a ChatML tokenizer)
+built from its parity tests' overrides:
+- `moe generate --routing-json` lists, per token, one entry per MoE layer (dense layers left out)
+  whose experts and weights are the ones transformers' own experts receive: the weights applied
+  (after a sigmoid router's selection bias, gpt-oss's softmax over its top k, DeepSeek's scaling);
+- `--mask LAYER:EXPERT` routes no token to that expert and changes the reply, and any mask that
+  leaves top_k experts routes only to those, whatever the router (expert groups included);
+- a 3-turn greedy `ChatSession`, which reuses its cache, replies with the same tokens as one that
+  recomputes every turn from an empty cache (latent caches, windows shorter than the chat)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from checkpoints import chat_checkpoint
+from test_deepseek import CASES as DEEPSEEK
+from test_glm_minimax import CASES as GLM_MINIMAX
+from test_gpt_oss import CASES as GPT_OSS
+from test_parity import CASES as PARITY
+from moecli import load_model
+from moecli.checkpoints.families import FAMILIES
+from moecli.cli.main import app
+from moecli.inference.conversation import ChatSession
+from moecli.inference.engine import Model
+from moecli.inference.routing import moe_layer_numbers
+from moecli.inference.sampling import SamplingParams
+from moecli.text.tokenizer import Tokenizer
+
+# model_type -> (the transformers model_type that builds it, overrides): one parity case per family, chosen
+# for what these features could get wrong (windows shorter than the chat, dense layers, expert groups).
+CHECKPOINTS = {
+    "mixtral": PARITY["mixtral-top3-window"],                        # softmax, window 5
+    "qwen2_moe": PARITY["qwen2-shared-sparse-step"],                 # dense layers between MoE ones
+    "qwen3_moe": PARITY["qwen3-headdim-mlp-only"],                   # dense first layer
+    "olmoe": PARITY["olmoe-clip"],                                   # softmax without renormalising
+    "glm4_moe": GLM_MINIMAX["glm-groups-dense-shared-qknorm-mtp"],   # sigmoid, biased, 4 groups, dense first
+    "minimax_m2": GLM_MINIMAX["minimax-top3-mha-full-rotary"],       # sigmoid, biased, no groups
+    "gpt_oss": ("gpt_oss", GPT_OSS["window4-default-yarn-top2"]),    # biased top-k-then-softmax, window 4
+    "deepseek_v2": DEEPSEEK["v2-group-limited-qlora-yarn"],          # latents; group-limited softmax, scaled
+    "deepseek_v3": DEEPSEEK["v3-qlora-groups-dense-first"],          # latents; sigmoid with groups
+    "kimi_k2": DEEPSEEK["v3-q-proj-yarn-rotate-half-bias"],          # DeepSeek-V3's, config.json says kimi_k2
+    "glm4_moe_lite": DEEPSEEK["glm-lite-equal-head-sizes"],          # latents; dense first
+}
+GREEDY = SamplingParams(temperature=0.0)
+TURNS = ["hello there", "and then what happened to the water?", "tell me more"]
+
+
+class Family(NamedTuple):
+    model_type: str
+    folder: Path
+    hf: transformers.PreTrainedModel  # the same weights in transformers (kimi_k2: as deepseek_v3)
+    model: Model
+    tokenizer: Tokenizer
+
+
+def test_every_family_has_a_checkpoint_here():
+    assert set(CHECKPOINTS) == set(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def family(request, tmp_path_factory) -> Family:
+    model_type = request.param
+    builder, overrides = CHECKPOINTS[model_type]
+    folder = chat_checkpoint(tmp_path_factory.mktemp(model_type), "chatml", model_type=builder, **overrides)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager", experts_implementation="eager", dtype=torch.float32).eval()
+    if builder != model_type:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    model = load_model(folder, dtype="float32")
+    assert model.config.family == model_type
+    return Family(model_type, folder, hf, model, Tokenizer.from_dir(folder))
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def hf_routing(hf, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{model layer: (experts, weights) [tokens, top_k]} as transformers' experts modules receive them."""
+    seen = {}
+
+    def hook(layer):
+        return lambda module, args: seen.__setitem__(layer, (args[1].numpy(), args[2].float().numpy()))
+
+    hooks = [module.register_forward_pre_hook(hook(int(name.split(".")[-3])))
+             for name, module in hf.named_modules() if name.endswith(".mlp.experts")]
+    try:
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def generate(family: Family, out: Path, *extra):
+    result = run("generate", "--model", family.folder, "--prompt", "the water", "--temperature", 0,
+                 "--max-tokens", 8, "--routing-json", out, *extra)
+    assert result.exit_code == 0, result.output
+    return result, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def routing_json(family, tmp_path_factory):
+    """(stdout, the --routing-json records) of an unmasked greedy reply."""
+    result, data = generate(family, tmp_path_factory.mktemp("routing") / "routing.json")
+    return result.stdout, data
+
+
+def test_routing_json_lists_the_moe_layers_with_the_weights_applied(family, routing_json):
+    _, data = routing_json
+    layers = moe_layer_numbers(family.model.config)
+    theirs = hf_routing(family.hf, [t["id"] for t in data["tokens"]])
+    assert sorted(theirs) == layers and data["moe_layers"] == layers     # dense layers are not listed
+    assert data["top_k"] == family.model.config.top_k and len(data["tokens"]) > 8
+    for i, token in enumerate(data["tokens"]):
+        assert [entry["layer"] for entry in token["layers"]] == layers
+        for entry in token["layers"]:
+            experts, weights = theirs[entry["layer"]][0][i], theirs[entry["layer"]][1][i]
+            ours, theirs_order = np.argsort(entry["experts"]), np.argsort(experts)
+            assert np.array(entry["experts"])[ours].tolist() == experts[theirs_order].tolist(), (i, entry)
+            np.testing.assert_allclose(np.array(entry["weights"])[ours], weights[theirs_order], atol=1e-5)
+
+
+def test_mask_routes_no_token_to_the_expert_and_changes_the_reply(family, routing_json, tmp_path):
+    """Each MoE layer's most used expert switched off: no token goes to it, the reply changes."""
+    stdout, data = routing_json
+    layers = moe_layer_numbers(family.model.config)
+    victims = []
+    for j, layer in enumerate(layers):
+        firsts = [t["layers"][j]["experts"][0] for t in data["tokens"]]
+        victims.append(max(set(firsts), key=firsts.count))
+    masked, masked_data = generate(family, tmp_path / "masked.json",
+                                   *(f"--mask={layer}:{e}" for layer, e in zip(layers, victims)))
+    for token in masked_data["tokens"]:
+        assert all(e not in entry["experts"] for e, entry in zip(victims, token["layers"])), token
+    assert masked.stdout != stdout
+    if layers[0] > 0:  # a dense layer has no experts to mask
+        refused = run("generate", "--model", family.folder, "--prompt", "x", "--mask", "0:0")
+        assert refused.exit_code != 0 and "layer 0 has no experts to mask" in refused.stderr
+
+
+def test_any_mask_that_leaves_top_k_experts_routes_only_to_those(family):
+    """Every MoE layer keeps exactly top_k experts, drawn at random and, with expert groups, one in
+    each of top_k groups, so that a token's best groups hold fewer than top_k of them: no token reaches a
+    disabled expert, every weight is finite, and the logits change. A single disabled expert leaves
+    the other tokens' choices as they were (without groups, where it cannot move a group's rank)."""
+    model = family.model
+    c = model.config
+    apply = jax.jit(lambda params, ids, mask: model.apply(params, ids, None, mask)[::2])
+    ids = np.random.default_rng(0).integers(3, c.vocab_size, size=(1, 24))
+    n_moe = len(moe_layer_numbers(c))
+    none = np.zeros((n_moe, c.n_experts), bool)
+    logits, routing = apply(model.params, ids, none)
+    per_group = c.n_experts // c.n_group
+    rng = np.random.default_rng(1)
+    keeps = [rng.choice(c.n_experts, c.top_k, replace=False) for _ in range(3)]
+    if c.n_group > 1:  # one expert in each of top_k groups: a token's topk_group best hold too few
+        assert c.topk_group < c.top_k <= c.n_group
+        keeps.append(np.arange(c.top_k) * per_group)
+    for keep in keeps:
+        mask = np.ones((n_moe, c.n_experts), bool)
+        mask[:, keep] = False
+        masked_logits, masked = apply(model.params, ids, mask)
+        assert set(np.asarray(masked.experts).ravel()) <= set(keep.tolist()), keep
+        assert np.isfinite(np.asarray(masked.weights)).all() and np.isfinite(np.asarray(masked_logits)).all()
+        assert np.abs(np.asarray(masked_logits) - np.asarray(logits)).max() > 1e-3
+    experts = np.asarray(routing.experts)                                 # [layers, 1, seq, k]
+    victim = np.bincount(experts[-1].ravel(), minlength=c.n_experts).argmax()
+    mask = none.copy()
+    mask[-1, victim] = True
+    masked_logits, masked = apply(model.params, ids, mask)
+    after = np.asarray(masked.experts)
+    assert not (after[-1] == victim).any()
+    np.testing.assert_array_equal(after[:-1], experts[:-1])              # the layers before: untouched
+    if c.n_group == 1:
+        untouched = ~(experts[-1] == victim).any(-1)                     # [1, seq]: tokens that did not use it
+        np.testing.assert_array_equal(np.sort(after[-1][untouched], -1), np.sort(experts[-1][untouched], -1))
+    assert np.abs(np.asarray(masked_logits) - np.asarray(logits)).max() > 1e-3
+
+
+def test_three_turn_chat_reusing_the_cache_equals_recomputing_each_turn(family):
+    """The chat's replies, each turn prefilling only what its cache lacks, against the same session
+    replaying each turn from an empty cache (`Decoder.reset`: the same compiled programs)."""
+    chat = ChatSession(family.model, family.tokenizer, GREEDY, max_tokens=10, system="Be brief.",
+                       notify=pytest.fail)
+    replies, histories = [], []
+    for turn, text in enumerate(TURNS):
+        histories.append([dict(m) for m in chat.messages])
+        replies.append(("".join(chat.reply(text)), chat.decoder.ids[slice(*chat.reply_span)]))
+        assert replies[-1][1], "an empty reply tests nothing"
+        if turn:
+            assert chat.last_stats.reused_tokens > 10                    # the earlier turns were not prefilled
+    window = family.model.config.sliding_window
+    assert window is None or chat.decoder.pos > 4 * window               # the chat outgrew the window
+    for text, history, reply in zip(TURNS, histories, replies):
+        chat.messages = history
+        chat.decoder.reset()
+        assert ("".join(chat.reply(text)), chat.decoder.ids[slice(*chat.reply_span)]) == reply
+        assert chat.last_stats.reused_tokens == 0
