@@ -38,7 +38,8 @@ QMAX = {8: 127, 4: 7}
 #: norms' scales are where rounding hurts most.
 RULES = (
     (r"/moe/(w_gate|w_up|w_down)$", "experts"),
-    (r"/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/w$", "dense"),
+    # (latent attention's kv_b_proj stays float: decoding folds it into the query and output)
+    (r"/(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj|gate_proj|up_proj|down_proj)/w$", "dense"),
     (r"^transformer/lm_head$", "lm_head"),
 )
 
