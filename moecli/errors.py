@@ -19,7 +19,7 @@ def first_line(err: BaseException | str, limit: int = 200) -> str:
 
 
 #: The fix for a quantized checkpoint, wherever it is detected (config.json or a tensor's dtype).
-QUANTIZED_HINT = ("use the model's float16/bfloat16 release, or one in a format moecli reads: block-FP8, "
+QUANTIZED_HINT = ("use the model's unquantized float16/bfloat16 release, or one in a format moecli reads: block-FP8, "
                   "MXFP4 (gpt-oss) or compressed-tensors W4A16/W8A16 (not GPTQ, AWQ or bitsandbytes)")
 
 

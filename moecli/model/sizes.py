@@ -105,7 +105,7 @@ def weight_bytes(config: ModelConfig, itemsize: int) -> tuple[int, int]:
         for param, shape in group.items():
             size = int(np.prod(shape.shape))
             # Float parameters trace as float32 and load in the caller's dtype; quantized parts
-            # (int8 / uint8 integers, float16 scales) keep theirs.
+            # (int8 / uint8 integers, float16 scales; MXFP4's uint8 blocks and scales) keep theirs.
             nbytes = size * (itemsize if shape.dtype == jnp.float32 else shape.dtype.itemsize)
             if partition_spec(module, param) == PartitionSpec():
                 replicated += nbytes
