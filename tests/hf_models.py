@@ -13,6 +13,8 @@ import torch
 import transformers
 
 CONFIGS = {
+    "qwen3_next": transformers.Qwen3NextConfig,          # Gated DeltaNet + gated attention (test_qwen3_next.py)
+    "qwen3_5_moe_text": transformers.Qwen3_5MoeTextConfig,
     "mixtral": transformers.MixtralConfig,
     "qwen2_moe": transformers.Qwen2MoeConfig,
     "qwen3_moe": transformers.Qwen3MoeConfig,
@@ -23,6 +25,11 @@ CONFIGS = {
     "deepseek_v2": transformers.DeepseekV2Config,        # latent attention: pass num_key_value_heads =
     "deepseek_v3": transformers.DeepseekV3Config,        # num_attention_heads (transformers repeats the
     "glm4_moe_lite": transformers.Glm4MoeLiteConfig,     # expanded heads by their ratio)
+    "ernie4_5_moe": transformers.Ernie4_5_MoeConfig,
+    "phimoe": transformers.PhimoeConfig,
+    "granitemoe": transformers.GraniteMoeConfig,               # head_dim: an extra kwarg it keeps
+    "granitemoeshared": transformers.GraniteMoeSharedConfig,
+    "llama4_text": transformers.Llama4TextConfig,         # Llama4ForCausalLM (tests/test_llama4.py)
 }
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
@@ -81,3 +88,43 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+# ----------------------------------------------------------------------------- the parity checks
+
+#: The prompt every parity test feeds both models (ids below the tiny vocabularies' 128).
+PROMPT = [1, 5, 9, 33, 7, 64, 2, 100, 17, 3, 90, 41]
+
+
+def assert_logits_match(hf, model, ids=None, atol: float = 1e-4) -> None:
+    """moecli's full-forward logits equal transformers' (float32, a batch of two prompts by default)."""
+    import numpy as np
+
+    ids = np.array([PROMPT, PROMPT[::-1]]) if ids is None else np.asarray(ids)
+    ours, theirs = np.asarray(model(ids)), hf_logits(hf, ids).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=atol, rtol=0)
+
+
+def assert_greedy_matches(hf, model, n: int = 16) -> None:
+    """`n` greedy tokens after a 7-token prompt equal transformers' `generate`."""
+    from moecli import generate_tokens
+
+    assert generate_tokens(model, PROMPT[:7], max_new_tokens=n, temperature=0.0) == hf_greedy(hf, PROMPT[:7], n)
+
+
+def assert_cached_decoding_equals_full(model, chunks=((0, 5),), ids=None, atol: float = 1e-4) -> None:
+    """Decoding through the cache — the given (start, stop) chunks (default: a 5-token prefill), then
+    one token at a time — gives the full forward's logits at every position."""
+    import numpy as np
+
+    ids = np.array([PROMPT]) if ids is None else np.asarray(ids)
+    full = np.asarray(model(ids))
+    cache = model.init_cache(batch=1, max_len=ids.shape[1] + 20)
+    spans = list(chunks) + [(t, t + 1) for t in range(chunks[-1][1], ids.shape[1])]
+    steps = []
+    for start, stop in spans:
+        logits, cache = model.step(ids[:, start:stop], cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=atol, rtol=0)
+    assert int(cache.pos) == ids.shape[1]

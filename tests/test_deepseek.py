@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hf_models import BASE, CONFIGS, build, hf_greedy, hf_logits, save
-from moecli import generate_tokens, load_model
+from hf_models import BASE, CONFIGS, PROMPT, assert_greedy_matches, assert_logits_match, build, hf_logits, save
+from moecli import load_model
 from moecli.checkpoints.families import config_from_hf
 from moecli.errors import CheckpointError, ConfigError
 from moecli.inference.engine import Model
@@ -50,7 +50,6 @@ CASES = {
         mlp_layer_types=["dense", "sparse", "sparse"])),
 }
 
-PROMPT = [1, 5, 9, 33, 7, 64, 2, 100, 17, 3, 90, 41]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -63,16 +62,11 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(pair):
-    _, hf, model = pair
-    ids = np.array([PROMPT, PROMPT[::-1]])
-    ours, theirs = np.asarray(model(ids)), hf_logits(hf, ids).numpy()
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert_logits_match(*pair[1:])
 
 
 def test_greedy_generation_matches_transformers(pair):
-    _, hf, model = pair
-    assert generate_tokens(model, PROMPT[:7], max_new_tokens=16, temperature=0.0) == hf_greedy(hf, PROMPT[:7], 16)
+    assert_greedy_matches(*pair[1:])
 
 
 def test_cached_decoding_equals_full_forward(pair):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import build, hf_greedy, hf_logits, save
-from moecli import generate_tokens, load_model
+from hf_models import PROMPT, assert_cached_decoding_equals_full, assert_greedy_matches, build, hf_logits, save
+from moecli import load_model
 from moecli.checkpoints.families import config_from_hf
 from moecli.inference.engine import Model
 from moecli.model.ops import XLA
@@ -36,7 +36,6 @@ CASES = {
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                          "rope_theta": 10000.0, "beta_fast": 8.0, "beta_slow": 2.0, "truncate": True}),
 }
-PROMPT = [1, 5, 9, 33, 7, 64, 2, 100, 17, 3, 90, 41]
 IDS = np.array([PROMPT, PROMPT[::-1]])
 WORKER = str(Path(__file__).with_name("sharding_worker.py"))  # test_sharding.py's subprocess on N CPU devices
 WORKER_IDS = np.array([[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]])  # its IDS
@@ -91,22 +90,11 @@ def test_logits_match_transformers(pair):
 
 
 def test_greedy_generation_matches_transformers(pair):
-    hf, model = pair
-    ours = generate_tokens(model, PROMPT[:7], max_new_tokens=16, temperature=0.0)
-    assert ours == hf_greedy(hf, PROMPT[:7], 16)
+    assert_greedy_matches(*pair)
 
 
 def test_incremental_decoding_equals_full_forward(pair):
-    _, model = pair
-    ids = np.array([PROMPT])
-    full = np.asarray(model(ids))
-    cache = model.init_cache(batch=1, max_len=32)
-    logits, cache = model.step(ids[:, :5], cache)          # prefill 5 tokens (more than a window)
-    steps = [np.asarray(logits)]
-    for t in range(5, len(PROMPT)):                          # then one at a time (the scanned experts)
-        logits, cache = model.step(ids[:, t:t + 1], cache)
-        steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4, rtol=0)
+    assert_cached_decoding_equals_full(pair[1])  # a 5-token prefill (more than a window), then single tokens
 
 
 def test_capacity_routing_without_drops_matches_transformers(pair):

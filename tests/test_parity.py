@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from hf_models import build, hf_greedy, hf_logits, save
-from moecli import generate_tokens, load_model
+from hf_models import (PROMPT, assert_cached_decoding_equals_full, assert_greedy_matches,
+                       assert_logits_match, build, hf_logits, save)
+from moecli import load_model
 
 # Each case covers something a quick implementation would get wrong.
 CASES = {
@@ -31,7 +32,6 @@ CASES = {
     "olmoe-normtopk-mha": ("olmoe", dict(num_experts=4, num_key_value_heads=4, norm_topk_prob=True)),
 }
 
-PROMPT = [1, 5, 9, 33, 7, 64, 2, 100, 17, 3, 90, 41]
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -44,32 +44,15 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
-    ids = np.array([PROMPT, PROMPT[::-1]])
-    ours = np.asarray(model(ids))
-    theirs = hf_logits(hf, ids).numpy()
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert_logits_match(*pair)
 
 
 def test_greedy_generation_matches_transformers(pair):
-    hf, model = pair
-    ours = generate_tokens(model, PROMPT[:7], max_new_tokens=16, temperature=0.0)
-    assert ours == hf_greedy(hf, PROMPT[:7], 16)
+    assert_greedy_matches(*pair)
 
 
 def test_incremental_decoding_equals_full_forward(pair):
-    _, model = pair
-    ids = np.array([PROMPT])
-    full = np.asarray(model(ids))
-    cache = model.init_cache(batch=1, max_len=32)
-    logits, cache = model.step(ids[:, :5], cache)          # prefill 5 tokens
-    steps = [np.asarray(logits)]
-    for t in range(5, len(PROMPT)):                          # then one at a time
-        logits, cache = model.step(ids[:, t:t + 1], cache)
-        steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4, rtol=0)
-    assert int(cache.pos) == len(PROMPT)
+    assert_cached_decoding_equals_full(pair[1])
 
 
 def test_sharded_checkpoint(tmp_path):
