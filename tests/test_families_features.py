@@ -4,13 +4,15 @@ built from its parity tests' overrides:
 - `moe generate --routing-json` lists, per token, one entry per MoE layer (dense layers left out)
   whose experts and weights are the ones transformers' own experts receive: the weights applied
   (after a sigmoid router's selection bias, gpt-oss's softmax over its top k, DeepSeek's scaling);
-- `--mask LAYER:EXPERT` routes no token to that expert and changes the reply, and any mask that
-  leaves top_k experts routes only to those, whatever the router (expert groups included);
+- `--mask LAYER:EXPERT` routes no token to that expert, as the masked model routes them, and any
+  mask that leaves top_k experts routes only to those, whatever the router (expert groups included),
+  and changes the logits;
 - a 3-turn greedy `ChatSession`, which reuses its cache, replies with the same tokens as one that
   recomputes every turn from an empty cache (latent caches, windows shorter than the chat)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,9 +25,14 @@ from typer.testing import CliRunner
 
 from checkpoints import chat_checkpoint
 from test_deepseek import CASES as DEEPSEEK
+from test_ernie import CASES as ERNIE
 from test_glm_minimax import CASES as GLM_MINIMAX
 from test_gpt_oss import CASES as GPT_OSS
+from test_granite import CASES as GRANITE
+from test_llama4 import CASES as LLAMA4
 from test_parity import CASES as PARITY
+from test_phimoe import CASES as PHIMOE
+from test_qwen3_next import MODELS as QWEN3_NEXT
 from moecli import load_model
 from moecli.checkpoints.families import FAMILIES
 from moecli.cli.main import app
@@ -36,7 +43,7 @@ from moecli.inference.sampling import SamplingParams
 from moecli.text.tokenizer import Tokenizer
 
 # model_type -> (the transformers model_type that builds it, overrides): one parity case per family, chosen
-# for what these features could get wrong (windows shorter than the chat, dense layers, expert groups).
+# for what these features could get wrong (windows and chunks shorter than the chat, dense layers, groups).
 CHECKPOINTS = {
     "mixtral": PARITY["mixtral-top3-window"],                        # softmax, window 5
     "qwen2_moe": PARITY["qwen2-shared-sparse-step"],                 # dense layers between MoE ones
@@ -49,7 +56,16 @@ CHECKPOINTS = {
     "deepseek_v3": DEEPSEEK["v3-qlora-groups-dense-first"],          # latents; sigmoid with groups
     "kimi_k2": DEEPSEEK["v3-q-proj-yarn-rotate-half-bias"],          # DeepSeek-V3's, config.json says kimi_k2
     "glm4_moe_lite": DEEPSEEK["glm-lite-equal-head-sizes"],          # latents; dense first
+    "ernie4_5_moe": ("ernie4_5_moe", ERNIE["interval-end-bias-normmin-shared"]),  # biased softmax, norm_min
+    "phimoe": ("phimoe", PHIMOE["longrope-bias-jitter-odd"]),       # sparsemixer, a wide jitter band
+    "granitemoe": GRANITE["granite-odd-headdim-tied"],
+    "granitemoeshared": GRANITE["granite-shared-mqa-top3-bias"],
+    "llama4_text": ("llama4_text", LLAMA4["dense-chunk4-nope-temperature-llama3"]),  # top-1 sigmoid, chunks of 4
+    "qwen3_next": QWEN3_NEXT["next"],                                # recurrent Gated DeltaNet state
+    "qwen3_5_moe_text": QWEN3_NEXT["3.5"],
 }
+# Multimodal checkpoints moecli loads as their text model: these features are the text model's.
+TEXT_MODEL_OF = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 GREEDY = SamplingParams(temperature=0.0)
 TURNS = ["hello there", "and then what happened to the water?", "tell me more"]
 
@@ -63,7 +79,7 @@ class Family(NamedTuple):
 
 
 def test_every_family_has_a_checkpoint_here():
-    assert set(CHECKPOINTS) == set(FAMILIES)
+    assert set(CHECKPOINTS) | set(TEXT_MODEL_OF) == set(FAMILIES) and set(TEXT_MODEL_OF.values()) <= set(CHECKPOINTS)
 
 
 @pytest.fixture(scope="module", params=list(CHECKPOINTS))
@@ -86,14 +102,27 @@ def run(*args):
 
 
 def hf_routing(hf, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """{model layer: (experts, weights) [tokens, top_k]} as transformers' experts modules receive them."""
+    """{model layer: (experts, weights) [tokens, top_k]} as transformers applies them: the arguments of
+    each layer's experts module (hidden, experts, weights), or Llama-4's router's [tokens, n_experts]
+    scores (its experts take inputs already scaled), which are 0 off the chosen experts."""
     seen = {}
 
-    def hook(layer):
+    def experts_hook(layer):
         return lambda module, args: seen.__setitem__(layer, (args[1].numpy(), args[2].float().numpy()))
 
-    hooks = [module.register_forward_pre_hook(hook(int(name.split(".")[-3])))
-             for name, module in hf.named_modules() if name.endswith(".mlp.experts")]
+    def router_hook(layer):
+        def hook(module, args, out):
+            weights, experts = torch.topk(out[0].float(), module.top_k, dim=-1)
+            seen[layer] = (experts.numpy(), weights.numpy())
+        return hook
+
+    hooks = []
+    for name, module in hf.named_modules():
+        layer = re.search(r"layers\.(\d+)\.", name + ".")
+        if type(module).__name__ == "Llama4Router":
+            hooks.append(module.register_forward_hook(router_hook(int(layer[1]))))
+        elif name.endswith(".experts") and type(module).__name__ != "Llama4TextExperts":
+            hooks.append(module.register_forward_pre_hook(experts_hook(int(layer[1]))))
     try:
         with torch.no_grad():
             hf(torch.tensor([ids]))
@@ -104,21 +133,32 @@ def hf_routing(hf, ids: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 
 def generate(family: Family, out: Path, *extra):
-    result = run("generate", "--model", family.folder, "--prompt", "the water", "--temperature", 0,
-                 "--max-tokens", 8, "--routing-json", out, *extra)
+    result = run("generate", "--model", family.folder, "--prompt", "the water", "--system", "Be brief.",
+                 "--temperature", 0, "--max-tokens", 8, "--routing-json", out, *extra)
     assert result.exit_code == 0, result.output
     return result, json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def routing_json(family, tmp_path_factory):
-    """(stdout, the --routing-json records) of an unmasked greedy reply."""
-    result, data = generate(family, tmp_path_factory.mktemp("routing") / "routing.json")
-    return result.stdout, data
+def routing_json(family, tmp_path_factory) -> dict:
+    """The --routing-json records of an unmasked greedy reply."""
+    return generate(family, tmp_path_factory.mktemp("routing") / "routing.json")[1]
+
+
+@pytest.fixture(scope="module")
+def forward(family):
+    """(ids [1, seq], expert mask) -> (logits, Routing): the full forward with experts switched off."""
+    model = family.model
+    apply = jax.jit(lambda params, ids, mask: model.apply(params, ids, None, mask)[::2])
+    return lambda ids, mask: jax.tree_util.tree_map(np.asarray, apply(model.params, np.asarray(ids), mask))
+
+
+def no_mask(config) -> np.ndarray:
+    return np.zeros((len(moe_layer_numbers(config)), config.n_experts), bool)
 
 
 def test_routing_json_lists_the_moe_layers_with_the_weights_applied(family, routing_json):
-    _, data = routing_json
+    data = routing_json
     layers = moe_layer_numbers(family.model.config)
     theirs = hf_routing(family.hf, [t["id"] for t in data["tokens"]])
     assert sorted(theirs) == layers and data["moe_layers"] == layers     # dense layers are not listed
@@ -129,64 +169,64 @@ def test_routing_json_lists_the_moe_layers_with_the_weights_applied(family, rout
             experts, weights = theirs[entry["layer"]][0][i], theirs[entry["layer"]][1][i]
             ours, theirs_order = np.argsort(entry["experts"]), np.argsort(experts)
             assert np.array(entry["experts"])[ours].tolist() == experts[theirs_order].tolist(), (i, entry)
-            np.testing.assert_allclose(np.array(entry["weights"])[ours], weights[theirs_order], atol=1e-5)
+            np.testing.assert_allclose(np.array(entry["weights"])[ours], weights[theirs_order], atol=1e-4)
 
 
-def test_mask_routes_no_token_to_the_expert_and_changes_the_reply(family, routing_json, tmp_path):
-    """Each MoE layer's most used expert switched off: no token goes to it, the reply changes."""
-    stdout, data = routing_json
+def test_mask_routes_no_token_to_the_expert(family, routing_json, forward, tmp_path):
+    """Each MoE layer's most used expert switched off with --mask: no token of the prompt or the reply
+    goes to it, and the routing written is the masked model's own (its logits: the next test)."""
     layers = moe_layer_numbers(family.model.config)
-    victims = []
-    for j, layer in enumerate(layers):
-        firsts = [t["layers"][j]["experts"][0] for t in data["tokens"]]
-        victims.append(max(set(firsts), key=firsts.count))
-    masked, masked_data = generate(family, tmp_path / "masked.json",
-                                   *(f"--mask={layer}:{e}" for layer, e in zip(layers, victims)))
-    for token in masked_data["tokens"]:
-        assert all(e not in entry["experts"] for e, entry in zip(victims, token["layers"])), token
-    assert masked.stdout != stdout
+    mask = no_mask(family.model.config)
+    for j in range(len(layers)):
+        firsts = [t["layers"][j]["experts"][0] for t in routing_json["tokens"]]
+        mask[j, max(set(firsts), key=firsts.count)] = True
+    specs = [f"--mask={layers[j]}:{e}" for j, e in zip(*np.nonzero(mask))]
+    _, masked = generate(family, tmp_path / "masked.json", *specs)
+    _, routing = forward([[t["id"] for t in masked["tokens"]]], mask)
+    for i, token in enumerate(masked["tokens"]):
+        for j, entry in enumerate(token["layers"]):
+            assert not mask[j, entry["experts"]].any(), (i, entry)
+            assert entry["experts"] == routing.experts[j, 0, i].tolist()
+            np.testing.assert_allclose(entry["weights"], routing.weights[j, 0, i], atol=1e-4)
     if layers[0] > 0:  # a dense layer has no experts to mask
         refused = run("generate", "--model", family.folder, "--prompt", "x", "--mask", "0:0")
         assert refused.exit_code != 0 and "layer 0 has no experts to mask" in refused.stderr
 
 
-def test_any_mask_that_leaves_top_k_experts_routes_only_to_those(family):
+def test_any_mask_that_leaves_top_k_experts_routes_only_to_those(family, routing_json, forward):
     """Every MoE layer keeps exactly top_k experts, drawn at random and, with expert groups, one in
     each of top_k groups, so that a token's best groups hold fewer than top_k of them: no token reaches a
-    disabled expert, every weight is finite, and the logits change. A single disabled expert leaves
-    the other tokens' choices as they were (without groups, where it cannot move a group's rank)."""
-    model = family.model
-    c = model.config
-    apply = jax.jit(lambda params, ids, mask: model.apply(params, ids, None, mask)[::2])
-    ids = np.random.default_rng(0).integers(3, c.vocab_size, size=(1, 24))
-    n_moe = len(moe_layer_numbers(c))
-    none = np.zeros((n_moe, c.n_experts), bool)
-    logits, routing = apply(model.params, ids, none)
-    per_group = c.n_experts // c.n_group
+    disabled expert, every weight is finite, and the logits change. So do they when a single used expert
+    is switched off, which leaves the layers before it as they were and, without groups (where it cannot
+    move a group's rank) or a selection bias on probabilities, the other tokens' choices too."""
+    c = family.model.config
+    ids = [[t["id"] for t in routing_json["tokens"]]]
+    none = no_mask(c)
+    logits, routing = forward(ids, none)
     rng = np.random.default_rng(1)
     keeps = [rng.choice(c.n_experts, c.top_k, replace=False) for _ in range(3)]
     if c.n_group > 1:  # one expert in each of top_k groups: a token's topk_group best hold too few
         assert c.topk_group < c.top_k <= c.n_group
-        keeps.append(np.arange(c.top_k) * per_group)
+        keeps.append(np.arange(c.top_k) * (c.n_experts // c.n_group))
     for keep in keeps:
-        mask = np.ones((n_moe, c.n_experts), bool)
+        mask = ~none
         mask[:, keep] = False
-        masked_logits, masked = apply(model.params, ids, mask)
-        assert set(np.asarray(masked.experts).ravel()) <= set(keep.tolist()), keep
-        assert np.isfinite(np.asarray(masked.weights)).all() and np.isfinite(np.asarray(masked_logits)).all()
-        assert np.abs(np.asarray(masked_logits) - np.asarray(logits)).max() > 1e-3
-    experts = np.asarray(routing.experts)                                 # [layers, 1, seq, k]
+        masked_logits, masked = forward(ids, mask)
+        assert set(masked.experts.ravel()) <= set(keep.tolist()), keep
+        assert np.isfinite(masked.weights).all() and np.isfinite(masked_logits).all()
+        assert np.abs(masked_logits - logits).max() > 1e-3
+    experts = routing.experts                                            # [layers, 1, seq, k]
     victim = np.bincount(experts[-1].ravel(), minlength=c.n_experts).argmax()
     mask = none.copy()
     mask[-1, victim] = True
-    masked_logits, masked = apply(model.params, ids, mask)
-    after = np.asarray(masked.experts)
-    assert not (after[-1] == victim).any()
-    np.testing.assert_array_equal(after[:-1], experts[:-1])              # the layers before: untouched
-    if c.n_group == 1:
+    masked_logits, masked = forward(ids, mask)
+    assert not (masked.experts[-1] == victim).any()
+    np.testing.assert_array_equal(masked.experts[:-1], experts[:-1])    # the layers before: untouched
+    if c.n_group == 1 and not c.selection_bias:  # ERNIE's bias on the rescaled probabilities could reorder
         untouched = ~(experts[-1] == victim).any(-1)                     # [1, seq]: tokens that did not use it
-        np.testing.assert_array_equal(np.sort(after[-1][untouched], -1), np.sort(experts[-1][untouched], -1))
-    assert np.abs(np.asarray(masked_logits) - np.asarray(logits)).max() > 1e-3
+        np.testing.assert_array_equal(np.sort(masked.experts[-1][untouched], -1),
+                                      np.sort(experts[-1][untouched], -1))
+    assert np.abs(masked_logits - logits).max() > 1e-3
 
 
 def test_three_turn_chat_reusing_the_cache_equals_recomputing_each_turn(family):
@@ -201,8 +241,9 @@ def test_three_turn_chat_reusing_the_cache_equals_recomputing_each_turn(family):
         assert replies[-1][1], "an empty reply tests nothing"
         if turn:
             assert chat.last_stats.reused_tokens > 10                    # the earlier turns were not prefilled
-    window = family.model.config.sliding_window
-    assert window is None or chat.decoder.pos > 4 * window               # the chat outgrew the window
+    c = family.model.config
+    window = max(c.sliding_window or 0, c.attention_chunk or 0)          # or Llama-4's attention chunks
+    assert chat.decoder.pos > 4 * window                                 # the chat outgrew them
     for text, history, reply in zip(TURNS, histories, replies):
         chat.messages = history
         chat.decoder.reset()

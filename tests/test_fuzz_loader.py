@@ -34,12 +34,21 @@ EXAMPLES = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 50)), deadl
                     print_blob=True)
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64)
+MLA = dict(num_key_value_heads=2, n_routed_experts=2, moe_intermediate_size=8, n_shared_experts=1, kv_lora_rank=8,
+           qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4)  # transformers' MLA: as many kv heads as heads
 FAMILIES = {
     "mixtral": dict(num_local_experts=2),
     "qwen2_moe": dict(num_experts=2, moe_intermediate_size=8, shared_expert_intermediate_size=8,
                       decoder_sparse_step=1, mlp_only_layers=[1]),
     "qwen3_moe": dict(num_experts=2, moe_intermediate_size=8),
     "olmoe": dict(num_experts=2),
+    "glm4_moe": dict(n_routed_experts=2, moe_intermediate_size=8, head_dim=8, first_k_dense_replace=1,
+                     n_shared_experts=1, num_nextn_predict_layers=0),
+    "minimax_m2": dict(num_local_experts=2, head_dim=8, rotary_dim=4),
+    "gpt_oss": dict(num_local_experts=2, head_dim=8, sliding_window=4),
+    "deepseek_v2": dict(MLA, q_lora_rank=None, first_k_dense_replace=1),
+    "deepseek_v3": dict(MLA, q_lora_rank=8, n_group=1, topk_group=1),
+    "glm4_moe_lite": dict(MLA, q_lora_rank=8, mlp_layer_types=["dense", "sparse"]),
 }
 _fresh = itertools.count()
 
@@ -47,7 +56,7 @@ _fresh = itertools.count()
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory) -> dict[str, Path]:
     """One tiny valid checkpoint per family (config.json + model.safetensors)."""
-    return {family: save(build(family, **TINY, **extra), tmp_path_factory.mktemp(family))
+    return {family: save(build(family, **{**TINY, **extra}), tmp_path_factory.mktemp(family))
             for family, extra in FAMILIES.items()}
 
 
@@ -85,7 +94,9 @@ GARBAGE = st.recursive(
 EXTRA_KEYS = ["model_type", "rope_scaling", "rope_parameters", "rope_theta", "quantization_config", "head_dim",
               "sliding_window", "use_sliding_window", "layer_types", "max_window_layers", "mlp_only_layers",
               "decoder_sparse_step", "eos_token_id", "bos_token_id", "hidden_act", "tie_word_embeddings",
-              "clip_qkv", "attention_bias", "qkv_bias", "norm_topk_prob", "rms_norm_eps"]
+              "clip_qkv", "attention_bias", "qkv_bias", "norm_topk_prob", "rms_norm_eps", "topk_method",
+              "routed_scaling_factor", "partial_rotary_factor", "use_qk_norm", "swiglu_limit", "swiglu_alpha",
+              "moe_layer_freq", "rope_interleave", "num_local_experts", "num_experts_per_tok"]
 ROPES = st.fixed_dictionaries({"rope_type": st.sampled_from(["default", "linear", "yarn", "dynamic", 3])},
                               optional={"factor": BAD_NUMBERS | SMALL_INTS, "rope_theta": BAD_NUMBERS | SMALL_INTS,
                                         "original_max_position_embeddings": BAD_NUMBERS | SMALL_INTS,

@@ -4,6 +4,7 @@ groups, dense first layers, shared experts, the selection bias, multi-token-pred
 checkpoint (skipped), transformers 5's own tensor names, and the experts split over 2 CPU devices."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -66,15 +67,25 @@ def add_mtp_layer(folder: Path, hf) -> list[str]:
     return sorted(extra)
 
 
+_PAIRS: dict[str, tuple] = {}  # built once: test_each_feature_changes_the_logits reuses the parity pairs
+
+
+def loaded_pair(case: str, tmp_path_factory) -> tuple:
+    """(transformers model, moecli model) of CASES[case], loaded from the same saved checkpoint."""
+    if case not in _PAIRS:
+        model_type, overrides = CASES[case]
+        hf = build(model_type, **overrides)
+        folder = save(hf, tmp_path_factory.mktemp(case))
+        if case.endswith("-mtp"):
+            assert add_mtp_layer(folder, hf)
+        _PAIRS[case] = hf, load_model(folder, dtype="float32")
+    return _PAIRS[case]
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def pair(request, tmp_path_factory):
     """(transformers model, moecli model) loaded from the same saved checkpoint."""
-    model_type, overrides = CASES[request.param]
-    hf = build(model_type, **overrides)
-    folder = save(hf, tmp_path_factory.mktemp(request.param))
-    if request.param.endswith("-mtp"):
-        assert add_mtp_layer(folder, hf)
-    return hf, load_model(folder, dtype="float32")
+    return loaded_pair(request.param, tmp_path_factory)
 
 
 def test_logits_match_transformers(pair):
@@ -111,7 +122,7 @@ def test_config_reads_the_features(pair):
 def far_from(model, hf, **changes) -> float:
     """Max |logits - transformers'| of `model` under changed settings (or with its selection bias zeroed)."""
     zero_bias = changes.pop("zero_bias", False)
-    changed = model.with_config(**changes)
+    changed = model.with_config(**changes) if changes else copy.copy(model)  # the copy: its compiled forward
     if zero_bias:
         changed.params = jax.tree_util.tree_map_with_path(
             lambda path, x: x * 0 if "score_bias" in jax.tree_util.keystr(path) else x, model.params)
@@ -119,12 +130,11 @@ def far_from(model, hf, **changes) -> float:
 
 
 @pytest.mark.parametrize("case", ["glm-groups-dense-shared-qknorm-mtp", "minimax-rotary-dim-mtp"])
-def test_each_feature_changes_the_logits(case, tmp_path):
+def test_each_feature_changes_the_logits(case, tmp_path_factory):
     """The parity above is not vacuous: dropping partial rotary, the selection bias, the groups or the
     routed scaling each moves the logits far from transformers'."""
-    model_type, overrides = CASES[case]
-    hf = build(model_type, **overrides)
-    model = load_model(save(hf, tmp_path), dtype="float32")
+    model_type = CASES[case][0]
+    hf, model = loaded_pair(case, tmp_path_factory)   # the parity tests' own (its MTP layer skipped)
     assert far_from(model, hf) < 1e-4
     assert far_from(model, hf, rotary_dim=0) > 1e-2
     assert far_from(model, hf, zero_bias=True) > 1e-2

@@ -1,7 +1,7 @@
 """gpt-oss (model_type "gpt_oss") against transformers on tiny random float32 models: attention sinks,
 q/k/v/o biases, sliding-window layers shorter than the prompt, YaRN, a biased top-k-then-softmax router,
 biased experts with the clamped SwiGLU and interleaved gate_up_proj; logits, greedy tokens, cached
-decoding, capacity routing, and experts split over 2, 4 and 8 CPU devices."""
+decoding, capacity routing, and experts split over 2 CPU devices."""
 from __future__ import annotations
 
 import json
@@ -194,38 +194,44 @@ def test_biased_clamped_experts_agree_across_implementations(tokens):
     routing = route(x[None], jax.random.normal(keys[7], (d, e)), k, True)
     flat = type(routing)(*(t[0] for t in routing))
     glu = partial(clamped_swiglu, limit=1.0, alpha=1.702)
-    want = experts_dense(x, *w, flat, e, glu=glu, biases=biases)
-    assert float(jnp.abs(want - experts_dense(x, *w, flat, e)).max()) > 0.1  # gating and biases matter
+
+    def compiled(fn, *arrays, **static):  # jitted, as in the model: op by op, every primitive compiles apart
+        return jax.jit(partial(fn, **static))(*arrays)
+
+    want = compiled(experts_dense, x, *w, flat, n_experts=e, glu=glu, biases=biases)
+    assert float(jnp.abs(want - compiled(experts_dense, x, *w, flat, n_experts=e)).max()) > 0.1  # gating, biases matter
     for fn in (experts_scanned, experts_blocked):
-        np.testing.assert_allclose(np.asarray(fn(x, *w, flat, e, glu=glu, biases=biases)), np.asarray(want),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(compiled(fn, x, *w, flat, n_experts=e, glu=glu, biases=biases)),
+                                   np.asarray(want), rtol=1e-5, atol=1e-5)
     n_local = 4  # ids >= n_local: another device's, skipped
     here = flat.experts < n_local
     local = flat._replace(experts=jnp.where(here, flat.experts, n_local), weights=jnp.where(here, flat.weights, 0.0))
-    want_local = experts_dense(x, *w, local._replace(experts=jnp.minimum(local.experts, e - 1)), e, glu=glu,
-                               biases=biases)
+    want_local = compiled(experts_dense, x, *w, local._replace(experts=jnp.minimum(local.experts, e - 1)),
+                          n_experts=e, glu=glu, biases=biases)
     for fn in (experts_scanned, experts_blocked):
-        got = fn(x, *(a[:n_local] for a in w), local, n_local, True, glu=glu, biases=tuple(b[:n_local] for b in biases))
+        got = compiled(fn, x, *(a[:n_local] for a in w), local, n_experts=n_local, elsewhere=True, glu=glu,
+                       biases=tuple(b[:n_local] for b in biases))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want_local), rtol=1e-5, atol=1e-5)
 
 
 def test_experts_split_over_devices_equal_one_device(tmp_path):
-    """8 experts over 1, 2, 4 and 8 CPU devices (tests/sharding_worker.py): the same logits and greedy
-    tokens, and each device holds 1/N of the expert weights *and of their biases*."""
+    """8 experts over 1 and 2 CPU devices (tests/sharding_worker.py): the same logits and greedy tokens,
+    and each device holds half of the expert weights *and of their biases*. (4 and 8 devices split the
+    same arrays the same way: test_sharding.py runs those counts.)"""
     hf = build("gpt_oss", num_local_experts=8, sliding_window=4, **SMALL)
     folder = save(hf, tmp_path / "ckpt")
     out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out)], check=True, timeout=600)
+    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
     result = json.loads(out.read_text())
     base = np.array(result["1"]["logits"])
     np.testing.assert_allclose(base, hf_logits(hf, WORKER_IDS).numpy(), atol=1e-4, rtol=0)
     d, f = 32, 40
     expert_bytes = 2 * 8 * (3 * d * f + 2 * f + d) * 4  # 2 layers x 8 experts x (weights + biases), float32
     one = result["1"]["bytes_per_device"][0]
-    for n in ("2", "4", "8"):
-        np.testing.assert_allclose(np.array(result[n]["logits"]), base, atol=1e-5, rtol=0)
-        assert result[n]["greedy"] == result["1"]["greedy"]
-        assert result[n]["devices_used"] == int(n)
-        assert all(s[0] == 8 // int(n) for s in result[n]["expert_shard_shapes"])
-        assert all(used == one - expert_bytes + expert_bytes // int(n) for used in result[n]["bytes_per_device"])
+    two = result["2"]
+    np.testing.assert_allclose(np.array(two["logits"]), base, atol=1e-5, rtol=0)
+    assert two["greedy"] == result["1"]["greedy"]
+    assert two["devices_used"] == 2
+    assert all(s[0] == 4 for s in two["expert_shard_shapes"])
+    assert all(used == one - expert_bytes + expert_bytes // 2 for used in two["bytes_per_device"])
 

@@ -209,12 +209,13 @@ def test_packed_is_faithful_where_dequantized_on_load(checkpoint, packed):
 
 
 def test_experts_split_over_devices(checkpoint):
-    """Expert parallelism shards the blocks and scales over the expert axis, on 1, 2 and 4 CPU devices."""
+    """Expert parallelism shards the blocks and scales over the expert axis: 2 CPU devices give the one
+    device's logits and greedy tokens. (More devices split the same arrays by the same rule: test_sharding.py.)"""
     code = f"""if True:
         import json, jax, numpy as np
         from moecli import generate_tokens, load_model
         out = {{}}
-        for n in (1, 2, 4):
+        for n in (1, 2):
             model = load_model({str(checkpoint[2])!r}, dtype="float32", devices=n)
             moe = model.params["transformer/layer_0/moe"]
             out[n] = dict(logits=np.asarray(model(np.array([{PROMPT}]))).tolist(),
@@ -223,13 +224,12 @@ def test_experts_split_over_devices(checkpoint):
                                   for s in moe[p].addressable_shards])
         print(json.dumps(out))
     """
-    done = run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    for n in ("2", "4"):
-        np.testing.assert_allclose(result[n]["logits"], result["1"]["logits"], atol=1e-5, rtol=0)
-        assert result[n]["greedy"] == result["1"]["greedy"]
-        assert result[n]["shards"] == [[4 // int(n), 64, 32]] * int(n) + [[4 // int(n), 64, 2]] * int(n)
+    np.testing.assert_allclose(result["2"]["logits"], result["1"]["logits"], atol=1e-5, rtol=0)
+    assert result["2"]["greedy"] == result["1"]["greedy"]
+    assert result["2"]["shards"] == [[2, 64, 32]] * 2 + [[2, 64, 2]] * 2
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------

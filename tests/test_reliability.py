@@ -544,7 +544,7 @@ def test_ctrl_c_during_generate_exits_130(plain, monkeypatch):
         yield "To be"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(moecli.inference.text, "stream_generate", interrupted)
+    monkeypatch.setattr(moecli.inference.text, "stream_tokens_as_text", interrupted)  # what `moe generate` streams
     result = generate(plain)
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted" and "Traceback" not in result.output
@@ -575,9 +575,9 @@ def test_ctrl_d_leaves_cleanly(plain):
 
 
 def test_ctrl_c_mid_reply_keeps_the_partial_reply(plain, tmp_path, monkeypatch):
-    import moecli.inference.conversation
+    import moecli.inference.text
 
-    real = moecli.inference.conversation.stream_tokens_as_text
+    real = moecli.inference.text.stream_tokens_as_text  # what a chat reply streams through
 
     def ctrl_c_after_the_first_piece(*args, **kwargs):
         for i, piece in enumerate(real(*args, **kwargs)):
@@ -585,7 +585,7 @@ def test_ctrl_c_mid_reply_keeps_the_partial_reply(plain, tmp_path, monkeypatch):
             if i == 0:
                 os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends; moe chat's handler catches it
 
-    monkeypatch.setattr(moecli.inference.conversation, "stream_tokens_as_text", ctrl_c_after_the_first_piece)
+    monkeypatch.setattr(moecli.inference.text, "stream_tokens_as_text", ctrl_c_after_the_first_piece)
     saved = tmp_path / "chat.json"
     result = chat(plain, f"tell me a story\n/save {saved}\n", "--max-tokens", 40)
     assert result.exit_code == 0 and chat_errors(result) == []
@@ -632,9 +632,9 @@ def test_save_to_an_unwritable_path_and_bad_loads(plain, tmp_path):
 
 def failing_replies(monkeypatch, message: str, on_call: int = 2) -> None:
     """The `on_call`-th reply raises RuntimeError(message) after its first piece."""
-    import moecli.inference.conversation
+    import moecli.inference.text
 
-    real, calls = moecli.inference.conversation.stream_tokens_as_text, {"n": 0}
+    real, calls = moecli.inference.text.stream_tokens_as_text, {"n": 0}  # what a chat reply streams through
 
     def fails(*args, **kwargs):
         calls["n"] += 1
@@ -643,7 +643,7 @@ def failing_replies(monkeypatch, message: str, on_call: int = 2) -> None:
             if calls["n"] == on_call:
                 raise RuntimeError(message)
 
-    monkeypatch.setattr(moecli.inference.conversation, "stream_tokens_as_text", fails)
+    monkeypatch.setattr(moecli.inference.text, "stream_tokens_as_text", fails)
 
 
 def test_an_exception_inside_generation_keeps_the_conversation(plain, tmp_path, monkeypatch):

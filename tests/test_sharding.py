@@ -27,10 +27,17 @@ def folder(tmp_path_factory):
     return save(hf, tmp_path_factory.mktemp("sharded"))
 
 
-def test_logits_greedy_and_bytes_across_device_counts(folder, tmp_path):
-    out = tmp_path / "devices.json"
+@pytest.fixture(scope="module")
+def devices_result(folder, tmp_path_factory) -> dict:
+    """The worker's {device count: logits, greedy tokens, shards} on 1, 2, 4 and 8 devices, run once:
+    the multi-process test compares against its one-device run too."""
+    out = tmp_path_factory.mktemp("devices") / "devices.json"
     subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out)], check=True, timeout=600)
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_logits_greedy_and_bytes_across_device_counts(devices_result):
+    result = devices_result
     base = np.array(result["1"]["logits"])
     for n in ("2", "4", "8"):
         np.testing.assert_allclose(np.array(result[n]["logits"]), base, atol=1e-5, rtol=0)
@@ -51,17 +58,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(folder, tmp_path):
+def test_two_processes_match_one(folder, devices_result, tmp_path):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(folder), str(tmp_path / f"p{i}.json"),
                                str(port), str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for i in (0, 1)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
-    single = tmp_path / "single.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(single)], check=True, timeout=600)
-    base = np.array(json.loads(single.read_text())["1"]["logits"])
-    greedy = json.loads(single.read_text())["1"]["greedy"][:8]
+    base, greedy = np.array(devices_result["1"]["logits"]), devices_result["1"]["greedy"][:8]
     for i in (0, 1):
         r = json.loads((tmp_path / f"p{i}.json").read_text())
         assert r["process"] == i

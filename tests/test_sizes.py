@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 from hf_models import build, save
 from test_fp8 import DEEPSEEK, fp8_checkpoint
 from test_mxfp4 import CONFIG as GPT_OSS_MXFP4, save_mxfp4
+from test_granite import REAL as GRANITE
 from moecli.checkpoints.families import FAMILIES, config_from_hf, load_config, read_config_json
 from moecli.checkpoints.quantize import quantize_checkpoint
 from moecli.checkpoints.safetensors import check_safetensors, safetensors_files
@@ -62,6 +63,17 @@ CASES = {
     "glm-4.5-air": (lambda: T.Glm4MoeConfig(head_dim=128, attention_bias=True), (106, 12), "neither"),
     "glm-4.7-flash": (lambda: T.Glm4MoeLiteConfig(), None, None),
     "minimax-m2": (lambda: T.MiniMaxM2Config(), (230, 10), "neither"),
+    # Llama-4-Scout's text model (Llama4TextConfig's defaults): Meta's 109 B total counts the vision tower too
+    "llama4-scout": (lambda: T.Llama4TextConfig(), (107.8, 17), "embedding"),
+    # ERNIE-4.5-21B-A3B: transformers' defaults; Baidu's model card says 21 B total, 3 B active
+    "ernie-4.5-21b-a3b": (lambda: T.Ernie4_5_MoeConfig(), (21.8, 3.0), "neither"),
+    # Phi-3.5-MoE: its config.json has attention and LM-head biases; 41.9 B total, 6.6 B active (model card)
+    "phi-3.5-moe": (lambda: T.PhimoeConfig(attention_bias=True, lm_head_bias=True), (41.9, 6.6), "embedding"),
+    # Qwen3-Next-80B-A3B: transformers' defaults, 79.7 B (tests/test_qwen3_next.py); "A3B" is rounder than any convention
+    "qwen3-next-80b-a3b": (lambda: T.Qwen3NextConfig(), None, None),
+    # granite-3.1's config.json (tests/test_granite.py); IBM's "1b-a400m" (1.33 B, 0.38 B) is rounder than 2-3 %
+    "granite-3.1-1b-a400m": (lambda: T.GraniteMoeConfig(**GRANITE["granite-3.1-1b-a400m"][0]), None, None),
+    "granite-3.1-3b-a800m": (lambda: T.GraniteMoeConfig(**GRANITE["granite-3.1-3b-a800m"][0]), (3.3, 0.8), "neither"),
 }
 
 

@@ -26,9 +26,14 @@ from moecli import env
 
 # Real model shapes (config.json fields); weights are random.
 SHAPES: dict[str, dict] = {
-    "granite-1b-a400m": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=49155,
+    # ibm-granite/granite-3.1-1b-a400m-instruct's config.json: fused experts, multipliers, tied embeddings
+    "granite-1b-a400m": dict(model_type="granitemoe", architectures=["GraniteMoeForCausalLM"], vocab_size=49155,
                              hidden_size=1024, intermediate_size=512, num_hidden_layers=24, num_attention_heads=16,
-                             num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8),
+                             num_key_value_heads=8, num_local_experts=32, num_experts_per_tok=8,
+                             embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                             logits_scaling=6.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                             max_position_embeddings=131072, rope_theta=10000000.0, bos_token_id=0, eos_token_id=0,
+                             pad_token_id=0),
     "olmoe-1b-7b": dict(model_type="olmoe", architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048,
                         intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
                         num_experts=64, num_experts_per_tok=8, clip_qkv=None, norm_topk_prob=False),
@@ -39,6 +44,18 @@ SHAPES: dict[str, dict] = {
     "mixtral-8x7b": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000,
                          hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+    # openai/gpt-oss-20b's config.json; its experts MXFP4 as the Hub stores them (`random_weights`)
+    "gpt-oss-20b": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], vocab_size=201088,
+                        hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                        num_key_value_heads=8, head_dim=64, num_local_experts=32, num_experts_per_tok=4,
+                        experts_per_token=4, attention_bias=True, layer_types=["sliding_attention",
+                        "full_attention"] * 12, sliding_window=128, initial_context_length=4096,
+                        max_position_embeddings=131072, rope_theta=150000, rope_scaling=dict(
+                            rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                            original_max_position_embeddings=4096), swiglu_limit=7.0, bos_token_id=199998,
+                        eos_token_id=200002, pad_token_id=199999, quantization_config=dict(
+                            quant_method="mxfp4", modules_to_not_convert=["model.layers.*.self_attn",
+                            "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]), dtype="bfloat16"),
 }
 COMMON = dict(rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0, hidden_act="silu",
               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -53,24 +70,29 @@ def bench_dir() -> Path:
     return cache_dir() / "bench"
 
 
+def shape_config(shape: str, dtype: str) -> dict:
+    """The config.json of a named shape whose weights are stored in `dtype`, unless the shape fixes
+    its own (gpt-oss-20b: bfloat16, as the Hub's checkpoint is; any --dtype loads it)."""
+    dtype = SHAPES[shape].get("dtype", dtype)
+    return {**COMMON, **SHAPES[shape], "torch_dtype": dtype, "dtype": dtype}
+
+
 def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_bytes: int = 1 << 30) -> Path:
     """Write a random checkpoint of a named shape (once; reused afterwards)."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
-    from moecli.checkpoints.export import export_names
-    from moecli.checkpoints.families import checkpoint_tensors, config_from_hf
+    from moecli.benchmark.random_weights import random_tensors
+    from moecli.checkpoints.families import config_from_hf
 
-    hf = {**COMMON, **SHAPES[shape], "torch_dtype": dtype, "dtype": dtype}
+    hf = shape_config(shape, dtype)
+    dtype = hf["dtype"]
     folder = folder or bench_dir() / f"{shape}-{dtype}"
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
     config = config_from_hf(hf)
-    table = checkpoint_tensors(config)
-    names = list(export_names(config))  # one name per tensor, as a Hub checkpoint writes them
-    rng = np.random.default_rng(0)
     weight_map, shard, size, index = {}, {}, 0, 0
 
     def flush():
@@ -81,13 +103,7 @@ def write_synthetic(shape: str, dtype: str, folder: Path | None = None, shard_by
             weight_map.update({n: f"model-{index:05d}.safetensors" for n in shard})
             shard, size = {}, 0
 
-    for name in names:
-        spec = table[name]
-        if name.endswith("norm.weight") or "layernorm" in name:
-            tensor = np.ones(spec.shape, np_dtype)
-        else:
-            scale = spec.shape[-1] ** -0.5
-            tensor = (rng.standard_normal(spec.shape, dtype=np.float32) * scale).astype(np_dtype)
+    for name, tensor in random_tensors(config, np_dtype):  # one at a time, as the Hub stores them
         shard[name] = tensor
         size += tensor.nbytes
         if size >= shard_bytes:
@@ -123,10 +139,13 @@ def read_bandwidth_gb_s(gigabytes: float = 1.0) -> float:
 
 def decode_floor(config, itemsize: int, bandwidth_gb_s: float) -> dict:
     """Batch-1 decoding reads every active weight once per token (the embedding table only one
-    row, which `parameter_counts` leaves out of `active`), so tok/s <= bandwidth / active bytes."""
-    from moecli.model.sizes import parameter_counts
+    row, which `parameter_counts` leaves out of `active`), so tok/s <= bandwidth / active bytes.
+    Float weights take `itemsize` bytes, packed ones (a checkpoint's MXFP4 experts) their own."""
+    from moecli.model.sizes import parameter_counts, weight_bytes
 
-    active_bytes = parameter_counts(config).active * itemsize
+    replicated, experts = weight_bytes(config, itemsize)
+    chosen = config.top_k / config.n_experts if config.n_experts else 0.0
+    active_bytes = replicated - parameter_counts(config).embedding * itemsize + experts * chosen
     return dict(bandwidth_gb_s=bandwidth_gb_s, active_gb_per_token=active_bytes / 1e9,
                 decode_floor_tok_s=bandwidth_gb_s * 1e9 / active_bytes)
 

@@ -21,7 +21,7 @@ from moecli.errors import QUANTIZED_HINT, CheckpointError, ResourceError
 from moecli.model.sizes import parameter_shapes, weight_bytes
 from moecli.checkpoints import compressed_tensors, fp8
 from moecli.checkpoints import mxfp4 as mxfp4_checkpoint
-from moecli.checkpoints.families import checkpoint_tensors, ignored_tensors, read_config_json
+from moecli.checkpoints.families import checkpoint_tensors, ignored_reason, ignored_tensors, read_config_json
 from moecli.checkpoints.placement import Placer
 from moecli.checkpoints.quantized import Packed, combine
 from moecli.checkpoints.safetensors import FLOAT_DTYPES, IGNORED_SUFFIXES, iter_tensors, safetensors_files
@@ -146,8 +146,7 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None, notes
                                   "the download is incomplete or the weights belong to another model")
     if not_loaded and notes is not None:
         notes.append("not loaded: " + ", ".join(f"{n} tensors of {prefix}*" for prefix, n in not_loaded.items())
-                     + f" (the {config.family} family declares them unused, as multi-token-prediction layers"
-                       " for speculative decoding, which moecli does not do)")
+                     + f" (the {config.family} family declares them unused, {ignored_reason(config)})")
     return placer.params
 
 

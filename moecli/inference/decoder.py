@@ -24,6 +24,7 @@ from moecli.model.transformer import Cache
 from moecli.inference.sampling import SamplingParams, reply_key, sample, sampler_state, update_seen
 
 MIN_BUCKET = 16
+MAX_SNAPSHOTS = 4  # recurrent states kept for `Decoder.rewind` (a chat needs the last turn's)
 
 
 def routing_of(routing):
@@ -52,6 +53,10 @@ class Decoder:
         self.expert_mask = jnp.zeros((max(1, sum(model.config.moe_layers)), model.config.n_experts), bool)
         # With capture_routing on, routing[i] = (experts, weights) [n_moe_layers, top_k] of ids[i].
         self.capture_routing, self.routing = False, []
+        # Layers whose cache cannot be rewound (recurrent states): copies of them at the end of each prefill,
+        # (pos, per layer the copy or None), so `rewind` can go back to a turn's prompt (`rewind`).
+        self.keep = tuple(not r for r in self.cache.rewindable())
+        self.snapshots: list[tuple[int, tuple]] = []
 
         def prefill(params, ids, n_real, cache, seen, expert_mask):
             logits, cache, routing = model.apply(params, ids, cache, expert_mask, n_real - 1)
@@ -128,10 +133,30 @@ class Decoder:
     def reset(self) -> None:
         self.cache = self.model.init_cache(self.batch, self.max_len)
         self.seen = jnp.zeros_like(self.seen)
-        self.pos, self.ids, self.routing = 0, [], []
+        self.pos, self.ids, self.routing, self.snapshots = 0, [], [], []
 
     def rewind(self, pos: int) -> None:
-        """Forget everything after position `pos` (the stale entries are masked, then overwritten)."""
+        """Forget everything after position `pos` (the stale entries are masked, then overwritten).
+        A recurrent state cannot forget (`Cache.rewindable`): it goes back to the latest snapshot at or
+        before `pos` (each prefill's end: in a chat, the previous turn's prompt) or to the start, and the
+        tokens from there to `pos` are fed again — the same cache as if never gone past `pos`."""
+        if pos >= self.pos or not any(self.keep):
+            return self.keep_only(pos)
+        replay = self.ids[:pos]
+        self.snapshots = [snap for snap in self.snapshots if snap[0] <= pos]
+        if not self.snapshots:
+            self.reset()
+        else:  # copies again: the next step donates (consumes) the cache it is given
+            at, saved = self.snapshots[-1]
+            layers = tuple(layer if copy is None else jax.tree_util.tree_map(jnp.copy, copy)
+                           for layer, copy in zip(self.cache.layers, saved))
+            self.cache = Cache(layers, self.cache.pos)
+            self.keep_only(at)
+        if replay[self.pos:]:
+            self.feed(replay[self.pos:])
+
+    def keep_only(self, pos: int) -> None:
+        """Positions 0..pos-1 kept (the rewindable layers forget the rest), for `rewind`."""
         self.cache = self.cache._replace(pos=jnp.asarray(pos, jnp.int32))
         self.pos, self.ids, self.routing = pos, self.ids[:pos], self.routing[:pos]
         self.seen = jnp.zeros_like(self.seen).at[:, jnp.asarray(self.ids, jnp.int32)].set(bool(self.ids))
@@ -153,6 +178,10 @@ class Decoder:
         self.pos += len(ids)
         self.ids.extend(ids)
         self._record(routing, len(ids))
+        if any(self.keep):  # a recurrent state: copied here, so a later turn can come back (`rewind`)
+            self.snapshots = self.snapshots[-(MAX_SNAPSHOTS - 1):] + [(self.pos, tuple(
+                jax.tree_util.tree_map(jnp.copy, layer) if keep else None
+                for layer, keep in zip(self.cache.layers, self.keep)))]
         return logits
 
     def tokens(self, prompt: list[int], params: SamplingParams, max_new_tokens: int | None = None,

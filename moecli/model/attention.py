@@ -6,15 +6,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import haiku as hk
+import jax
 import jax.numpy as jnp
 
 from moecli.model.cache import KVCache
 from moecli.model.config import ModelConfig
+from moecli.model.deltanet import DeltaNetCache, GatedDeltaNet
 from moecli.model.linear import Linear
 from moecli.model.mla import LatentCache, MultiHeadLatentAttention
-from moecli.model.norms import norm
+from moecli.model.norms import norm, rms_normalize
 from moecli.model.ops import Ops
-from moecli.model.rope import apply_rope, rope_frequencies
+from moecli.model.rope import apply_rope, query_temperature, rope_frequencies
 
 
 class GroupedQueryAttention(hk.Module):
@@ -28,19 +30,29 @@ class GroupedQueryAttention(hk.Module):
     (OLMoE); a sliding window on the layers the config marks (Mistral, Qwen2); RoPE on only the first
     `rotary_dim` dimensions of each head (partial rotary: GLM-4.5, MiniMax-M2; `moecli.model.rope`);
     a learned sink logit per query head in each softmax's denominator (gpt-oss: `attention_sinks`,
-    see `moecli.model.ops.softmax_with_sinks`).
+    see `moecli.model.ops.softmax_with_sinks`). Llama-4: RoPE on the layers `rope_layers` marks, chunked
+    attention (`moecli.model.ops.attention_mask`) on those `chunk_layers` marks, a weightless q/k norm on
+    the RoPE layers (qk_norm "l2") and a position-dependent query temperature on the others
+    (`moecli.model.rope.query_temperature`).
     """
 
     def __init__(self, config: ModelConfig, layer: int, ops: Ops, name: str = "attn"):
         super().__init__(name=name)
         self.c, self.ops = config, ops
         self.window = config.sliding_window if config.uses_window(layer) else None
+        self.chunk = config.attention_chunk if config.uses_chunk(layer) else None
+        self.rope = config.uses_rope(layer)
 
     def __call__(self, x, positions, cache: KVCache | None, cache_pos):
         c, ops = self.c, self.ops
         batch, seq, _ = x.shape
         group = c.n_heads // c.n_kv_heads
-        q = Linear(c.n_heads * c.head_dim, ops, with_bias=c.qkv_bias, quant=c.quant, name="q_proj")(x)
+        q = Linear(c.n_heads * c.head_dim * (2 if c.attn_output_gate else 1), ops, with_bias=c.qkv_bias,
+                   quant=c.quant, name="q_proj")(x)
+        gate = None
+        if c.attn_output_gate:  # Qwen3-Next: each head's q_proj rows are [query (head_dim), gate (head_dim)]
+            q, gate = jnp.split(q.reshape(batch, seq, c.n_heads, 2 * c.head_dim), 2, axis=-1)
+            q, gate = q.reshape(batch, seq, -1), gate.reshape(batch, seq, -1)
         k = Linear(c.n_kv_heads * c.head_dim, ops, with_bias=c.qkv_bias, quant=c.quant, name="k_proj")(x)
         v = Linear(c.n_kv_heads * c.head_dim, ops, with_bias=c.qkv_bias, quant=c.quant, name="v_proj")(x)
         if c.qk_norm == "full":
@@ -54,9 +66,15 @@ class GroupedQueryAttention(hk.Module):
         if c.qk_norm == "head":
             q = norm(c.norm, c.head_dim, c.norm_eps, name="q_norm")(q)
             k = norm(c.norm, c.head_dim, c.norm_eps, name="k_norm")(k)
-        inv_freq, scale = rope_frequencies(c.rotary_dim or c.head_dim, c.rope)  # partial rotary: fewer pairs
-        q = apply_rope(q, positions, inv_freq, scale, ops.isolate)
-        k = apply_rope(k, positions, inv_freq, scale, ops.isolate)
+        if c.qk_norm == "l2" and self.rope:  # Llama-4, after RoPE there: the same, a rotation keeps each head's norm
+            q, k = rms_normalize(q, c.norm_eps), rms_normalize(k, c.norm_eps)
+        if self.rope:
+            inv_freq, scale = rope_frequencies(c.rotary_dim or c.head_dim, c.rope)  # partial rotary: fewer pairs
+            q = apply_rope(q, positions, inv_freq, scale, ops.isolate, c.rope_interleave)  # ERNIE-4.5: pairs (2i, 2i + 1)
+            k = apply_rope(k, positions, inv_freq, scale, ops.isolate, c.rope_interleave)
+        elif c.temperature_floor:  # [1, t, 1, 1]
+            t = query_temperature(positions, c.temperature_floor, c.temperature_scale)[None, :, None, None]
+            q = (q.astype(jnp.float32) * t).astype(q.dtype)
 
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # [b, kv, t, d]
         if cache is not None:  # write this chunk at cache_pos, then attend over the whole (fixed-size) cache
@@ -69,8 +87,12 @@ class GroupedQueryAttention(hk.Module):
         sinks = None
         if c.attention_sinks:  # query head h = kv * group + g, as q is grouped above
             sinks = hk.get_parameter("sinks", [c.n_heads], jnp.float32, init=jnp.zeros).reshape(c.n_kv_heads, group)
-        out = ops.attention(q, k, v, positions, self.window, sinks=sinks)  # float32 [b, kv, g, t, d]
+        # scale: Granite's attention_multiplier, else None (1 / sqrt(head_dim))
+        out = ops.attention(q, k, v, positions, self.window, sinks=sinks, scale=c.attention_scale,
+                            chunk=self.chunk)                             # float32 [b, kv, g, t, d]
         out = out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, c.n_heads * c.head_dim)
+        if gate is not None:  # the output gate, sigmoid in float32
+            out = out * jax.nn.sigmoid(gate.astype(jnp.float32))
         out = out.astype(x.dtype)  # a float32 cache must not turn the residual stream float32
         return Linear(c.d_model, ops, with_bias=c.o_bias, quant=c.quant, name="o_proj")(out), cache
 
@@ -82,4 +104,5 @@ class AttentionKind(NamedTuple):
 
 #: config.attention -> the attention module and its cache type; a family picks one by name.
 ATTENTION = {"gqa": AttentionKind(GroupedQueryAttention, KVCache),
-             "mla": AttentionKind(MultiHeadLatentAttention, LatentCache)}  # DeepSeek-V2/V3: moecli.model.mla
+             "mla": AttentionKind(MultiHeadLatentAttention, LatentCache),  # DeepSeek-V2/V3: moecli.model.mla
+             "deltanet": AttentionKind(GatedDeltaNet, DeltaNetCache)}  # Qwen3-Next, Qwen3.5: moecli.model.deltanet

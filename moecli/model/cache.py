@@ -6,7 +6,10 @@ whole prefix. Each layer's cache is of its attention kind's own type (`moecli.mo
 pairs them): keys and values (`KVCache`), or multi-head latent attention's compressed latents
 (`moecli.model.mla.LatentCache`); recurrent states would fit the same interface — `empty(...)`
 builds one, the layer's attention reads and writes it — so the decoder, chat cache reuse and
-sharding never look inside.
+sharding never look inside. A cache type says whether it can be rewound (`rewindable`): keys and values
+at positions past `Cache.pos` are simply ignored, so moving `pos` back forgets them; a recurrent state
+(`moecli.model.deltanet.DeltaNetCache`) has folded them in and cannot, so the decoder snapshots it
+(`moecli.inference.decoder.Decoder.rewind`).
 
 Caches are preallocated to a fixed length, so shapes never change; the write position is an
 array (`Cache.pos`), not a Python int, so every decode step has the same shapes and compiles once.
@@ -30,6 +33,7 @@ class KVCache(NamedTuple):
 
     k: jax.Array
     v: jax.Array  # [batch, kv_heads, max_len, head_dim]
+    rewindable = True  # moving Cache.pos back forgets the later positions
 
     @classmethod
     def empty(cls, config: ModelConfig, layer: int, batch: int, max_len: int, dtype, keys_transposed: bool):
@@ -55,4 +59,8 @@ class Cache(NamedTuple):
 
     layers: tuple
     pos: jax.Array
+
+    def rewindable(self) -> tuple[bool, ...]:
+        """Per layer: whether its cache can go back to an earlier `pos` (a type without the flag can)."""
+        return tuple(getattr(layer, "rewindable", True) for layer in self.layers)
 

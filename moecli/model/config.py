@@ -24,13 +24,16 @@ class RopeConfig:
     """Rotary embedding parameters (see `moecli.model.rope.rope_frequencies`)."""
 
     theta: float = 10000.0
-    kind: str = "default"          # default | linear | yarn
+    kind: str = "default"          # default | linear | yarn | llama3 | longrope
     factor: float = 1.0            # context extension factor (linear, yarn)
     original_max_positions: int = 0  # yarn: the context length the model was trained with
     beta_fast: float = 32.0        # yarn: ramp boundaries, in rotations
     beta_slow: float = 1.0
     attention_factor: float = 1.0  # yarn: scales cos/sin ("mscale")
     truncate: bool = True          # yarn: round the ramp boundaries to whole dimensions
+    low_freq_factor: float = 1.0   # llama3: wavelengths over original_max_positions / low_freq_factor interpolated,
+    high_freq_factor: float = 4.0  # ... under original_max_positions / high_freq_factor kept, smoothly between
+    factors: tuple[float, ...] = ()  # longrope: one divisor per frequency (Phi-3's short_factor); cos/sin x attention_factor
 
     def validate(self) -> None:
         """ConfigError for settings `moecli.model.rope.rope_frequencies` cannot compute with."""
@@ -43,6 +46,12 @@ class RopeConfig:
                                         and self.original_max_positions > 0):
             raise ConfigError("yarn rope parameters need rope_theta > 1, beta_fast > 0, beta_slow > 0 and "
                               f"original_max_position_embeddings > 0, got {self}", DAMAGED)
+        if self.kind == "llama3" and not (self.original_max_positions > 0 and 0 < self.low_freq_factor
+                                          < self.high_freq_factor and math.isfinite(self.high_freq_factor)):
+            raise ConfigError("llama3 rope parameters need original_max_position_embeddings > 0 and 0 < "
+                              f"low_freq_factor < high_freq_factor, got {self}", DAMAGED)
+        if self.kind == "longrope" and not (self.factors and all(math.isfinite(x) and x > 0 for x in self.factors)):
+            raise ConfigError(f"longrope needs positive rescale factors, got {self.factors[:4]}...", DAMAGED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +125,30 @@ class MLAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeltaNetConfig:
+    """Gated DeltaNet linear attention's sizes (Qwen3-Next, Qwen3.5: `moecli.model.deltanet`). n_v_heads value
+    heads share n_k_heads query/key heads in groups; `layout` is how the input projections are stored:
+    "grouped" (Qwen3-Next: in_proj_qkvz and in_proj_ba, per key head) or "split" (Qwen3.5: in_proj_qkv, _z, _b, _a)."""
+
+    n_k_heads: int
+    n_v_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    conv_kernel: int = 4          # the causal depthwise convolution's width
+    layout: str = "grouped"       # grouped | split
+    chunk: int = 64               # the chunked form's block length for prompts
+
+    def validate(self) -> None:
+        for name in ("n_k_heads", "n_v_heads", "k_head_dim", "v_head_dim", "conv_kernel", "chunk"):
+            if not 1 <= getattr(self, name) <= MAX_DIM:
+                raise ConfigError(f"linear attention's {name} must be between 1 and {MAX_DIM}, got "
+                                  f"{getattr(self, name)}", DAMAGED)
+        if self.n_v_heads % self.n_k_heads or self.layout not in ("grouped", "split"):
+            raise ConfigError(f"linear_num_value_heads ({self.n_v_heads}) must be a multiple of linear_num_key_heads "
+                              f"({self.n_k_heads}), layout grouped or split (got {self.layout!r})", DAMAGED)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Every hyperparameter of the MoE transformer, independent of the others."""
 
@@ -141,6 +174,9 @@ class ModelConfig:
     swiglu_alpha: float = 1.702   # clamped_swiglu: gate * sigmoid(alpha * gate)
     expert_bias: bool = False     # biases on the experts' gate, up and down projections (gpt-oss)
     norm_topk_prob: bool = True   # renormalise the top-k gate weights to sum to 1
+    norm_min: float = 0.0         # ... dividing by max(their sum, norm_min) (ERNIE-4.5's moe_norm_min)
+    selection_bias: bool = False  # softmax_topk: a learned bias on the probabilities, to choose the top_k only (ERNIE-4.5)
+    sparsemixer_eps: float = 0.0  # sparsemixer (Phi-3.5-MoE's router_jitter_noise): the relative logit gap kept in each softmax
     capacity_factor: float = 0.0  # 0 = dropless routing; > 0 = capacity routing
     quant: QuantConfig = QuantConfig()  # float weights unless --quantize or a quantized checkpoint
     rope: RopeConfig = RopeConfig()
@@ -148,16 +184,36 @@ class ModelConfig:
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: str = "none"         # none | head (per head, Qwen3) | full (whole projection, OLMoE)
+    mlp_bias: bool = False        # biases on the dense MLPs' and shared experts' projections (ERNIE-4.5's use_bias)
+    lm_head_bias: bool = False    # a bias on the logits (ERNIE-4.5's use_bias)
+    rope_interleave: bool = False  # gqa: RoPE rotates dimension pairs (2i, 2i + 1), not (i, i + d/2) (ERNIE-4.5)
+    qk_norm: str = "none"         # none | head (per head, Qwen3) | full (whole projection, OLMoE) | l2 (per head,
+                                  # no weights, RoPE layers only: Llama-4)
     clip_qkv: float | None = None
     attention_sinks: bool = False  # a learned per-head logit in every softmax denominator (gpt-oss)
     mla: MLAConfig | None = None  # multi-head latent attention's sizes (attention "mla"; head_dim = q/k head size)
+    deltanet: DeltaNetConfig | None = None  # Gated DeltaNet's sizes (layers of attention "deltanet")
+    layer_attention: tuple[str, ...] = ()  # per layer: its attention kind (empty = `attention` on every layer)
+    attn_output_gate: bool = False  # gqa: q_proj also gives a per-head sigmoid gate on the output (Qwen3-Next)
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: window applies (empty = every layer)
     tie_embeddings: bool = False
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Scalar multipliers (IBM Granite's muP-style embedding/attention/residual/logits multipliers; 1 elsewhere)
+    embedding_scale: float = 1.0  # the embeddings times this
+    residual_scale: float = 1.0   # each residual branch (attention, feed-forward) times this before it is added
+    logits_scale: float = 1.0     # the logits times this (Granite: 1 / logits_scaling)
+    attention_scale: float | None = None  # the softmax scale of q.k (None: 1 / sqrt(head_dim))
+    # Llama-4 (moecli.model.attention, moecli.model.moe): RoPE on some layers only (the others "NoPE"), chunked
+    # attention, the NoPE layers' query temperature, the router's weight scaling each expert's input.
+    rope_layers: tuple[bool, ...] = ()      # per layer: RoPE applies (empty = every layer)
+    attention_chunk: int | None = None      # a query sees only keys of its own chunk of this many positions (causally)
+    chunk_layers: tuple[bool, ...] = ()     # per layer: the chunk applies (empty = every layer)
+    temperature_floor: float = 0.0          # NoPE layers scale q by 1 + temperature_scale * log1p(floor((pos + 1) /
+    temperature_scale: float = 0.1          # temperature_floor)); 0 = off (Llama-4's attn_temperature_tuning)
+    router_scales_input: bool = False       # the expert sees x * weight and its output counts once (Llama-4)
     # The parts, by name (see the module docstring).
     attention: str = "gqa"
     router: str = "softmax_topk"
@@ -177,6 +233,13 @@ class ModelConfig:
             raise ConfigError(f"n_layers={self.n_layers} is more than moecli supports ({MAX_LAYERS})", DAMAGED)
         if len(self.moe_layers) != self.n_layers:
             raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries for {self.n_layers} layers")
+        for name in ("rope_layers", "chunk_layers"):
+            if getattr(self, name) and len(getattr(self, name)) != self.n_layers:
+                raise ConfigError(f"{name} has {len(getattr(self, name))} entries for {self.n_layers} layers", DAMAGED)
+        if not (math.isfinite(self.temperature_floor) and self.temperature_floor >= 0
+                and math.isfinite(self.temperature_scale)):
+            raise ConfigError(f"floor_scale must be >= 0 and attn_scale finite, got {self.temperature_floor} and "
+                              f"{self.temperature_scale}", DAMAGED)
         if self.sliding_layers and len(self.sliding_layers) != self.n_layers:
             raise ConfigError(f"layer_types has {len(self.sliding_layers)} entries for {self.n_layers} layers",
                               DAMAGED)
@@ -186,6 +249,13 @@ class ModelConfig:
                 f"num_key_value_heads ({self.n_kv_heads})")
         if self.head_dim % 2 and self.mla is None:  # latent attention rotates only its qk_rope_head_dim part
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}", DAMAGED)
+        if self.layer_attention and len(self.layer_attention) != self.n_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_attention)} entries for {self.n_layers} layers", DAMAGED)
+        if ("deltanet" in (self.attention, *self.layer_attention)) != (self.deltanet is not None):
+            raise ConfigError(f"attention kinds {self.layer_attention or self.attention} with deltanet={self.deltanet}: "
+                              "linear attention needs its sizes")
+        if self.deltanet is not None:
+            self.deltanet.validate()
         if (self.attention == "mla") != (self.mla is not None):
             raise ConfigError(f"attention {self.attention!r} with mla={self.mla}: latent attention needs its sizes")
         if self.mla is not None:
@@ -211,11 +281,18 @@ class ModelConfig:
                               f"{self.topk_group} be between 1 and n_group", DAMAGED)
         if not math.isfinite(self.swiglu_alpha):
             raise ConfigError(f"swiglu_alpha must be finite, got {self.swiglu_alpha}", DAMAGED)
+        if self.router == "sparsemixer" and any(self.moe_layers) and self.top_k != 2:
+            raise ConfigError(f"sparsemixer routing chooses 2 experts, got top_k={self.top_k}", DAMAGED)
+        if not (math.isfinite(self.sparsemixer_eps) and self.sparsemixer_eps >= 0):
+            raise ConfigError(f"sparsemixer_eps (router_jitter_noise) must be >= 0, got {self.sparsemixer_eps}", DAMAGED)
+        if not (math.isfinite(self.norm_min) and self.norm_min >= 0):
+            raise ConfigError(f"norm_min (moe_norm_min) must be a finite number >= 0, got {self.norm_min}", DAMAGED)
         if not math.isfinite(self.routed_scaling_factor):
             raise ConfigError(f"routed_scaling_factor must be finite, got {self.routed_scaling_factor}", DAMAGED)
         if not (math.isfinite(self.capacity_factor) and self.capacity_factor >= 0):
             raise ConfigError(f"capacity_factor must be >= 0, got {self.capacity_factor}")
-        for name in ("sliding_window", "clip_qkv", "swiglu_limit"):
+        for name in ("sliding_window", "clip_qkv", "swiglu_limit", "attention_chunk", "embedding_scale", "residual_scale", "logits_scale",
+                     "attention_scale"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be positive, got {value}", DAMAGED)
@@ -224,10 +301,22 @@ class ModelConfig:
         if bound > MAX_PARAMS:
             raise ConfigError(f"config.json describes a model of up to {bound:.3g} parameters", DAMAGED)
 
+    def attention_of(self, layer: int) -> str:
+        """The layer's attention kind (`moecli.model.attention.ATTENTION`): layers may mix kinds (Qwen3-Next)."""
+        return self.layer_attention[layer] if self.layer_attention else self.attention
+
     def uses_window(self, layer: int) -> bool:
         if self.sliding_window is None:
             return False
         return not self.sliding_layers or self.sliding_layers[layer]
+
+    def uses_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
+
+    def uses_chunk(self, layer: int) -> bool:
+        if self.attention_chunk is None:
+            return False
+        return not self.chunk_layers or self.chunk_layers[layer]
 
     def capacity(self, n_tokens: int) -> int:
         """Slots per expert in capacity mode: ceil(capacity_factor * tokens * top_k / n_experts)."""

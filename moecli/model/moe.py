@@ -31,6 +31,18 @@ def uses_kernels(config: ModelConfig) -> bool:
     return config.expert_act == "swiglu" and not config.expert_bias
 
 
+def scaled_inputs(xs: jax.Array, flat: Routing) -> tuple[jax.Array, Routing]:
+    """Routing that scales the experts' inputs, not their outputs (Llama-4, `router_scales_input`): each of
+    a token's top_k assignments becomes a token of its own, x * weight [tokens * top_k, d], sent to its
+    one expert at weight 1, so any experts implementation (kernels, devices) computes expert(x * w); the
+    caller sums each token's top_k outputs. A SwiGLU is not linear: expert(w x) != w expert(x)."""
+    n, k = flat.experts.shape
+    scaled = xs.astype(jnp.float32)[:, None, :] * flat.weights[..., None]            # [n, k, d]
+    ones = jnp.ones((n * k, 1), flat.weights.dtype)
+    return (scaled.astype(xs.dtype).reshape(n * k, -1),
+            Routing(flat.experts.reshape(n * k, 1), ones, jnp.repeat(flat.logits, k, axis=0)))
+
+
 class MoEBlock(hk.Module):
     """Router + stacked experts (+ optional shared expert). Returns (output, Routing)."""
 
@@ -66,22 +78,25 @@ class MoEBlock(hk.Module):
             batch, seq, d = x.shape
         flat = Routing(*(t.reshape(batch * seq, -1) for t in used))
         xs = x.reshape(batch * seq, d)
+        tokens, top_k = batch * seq, c.top_k
+        if c.router_scales_input:  # every assignment a token of its own, [tokens * top_k, d]
+            (xs, flat), tokens, top_k = scaled_inputs(xs, flat), tokens * top_k, 1
         if c.capacity_factor > 0:
             y = experts_capacity(xs, w_gate, w_up, w_down, flat, c.capacity(batch * seq), c.n_experts,
                                  glu, biases or None)
         else:
             pick = self.ops.experts if uses_kernels(c) else self.ops.gated_experts
-            experts = pick(batch * seq, c.top_k, c.n_experts, weight_dtype(w_gate))
+            experts = pick(tokens, top_k, c.n_experts, weight_dtype(w_gate))
             if not uses_kernels(c):  # another gating, or biases: Ops.gated_experts
                 experts = functools.partial(experts, glu=glu)
             if self.mesh is None:
                 y = experts(xs, w_gate, w_up, w_down, flat, c.n_experts, **({"biases": biases} if biases else {}))
             else:  # the biases, split like the weights, reach each device's experts with them
                 y = shard_experts(experts, self.mesh)(xs, flat.experts, flat.weights, w_gate, w_up, w_down, *biases)
-        y = y.reshape(batch, seq, d)
+        y = y.reshape(batch, seq, -1, d).sum(axis=2)                     # a token's assignments (scaled inputs)
 
         if c.d_shared_expert:
-            shared = MLP(d, c.d_shared_expert, self.ops, c.quant, name="shared_expert")(x)
+            shared = MLP(d, c.d_shared_expert, self.ops, c.quant, name="shared_expert", bias=c.mlp_bias)(x)
             if c.shared_expert_gate:
                 gate = Linear(1, self.ops, with_bias=False, name="shared_expert_gate")(x)
                 shared = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(x.dtype) * shared

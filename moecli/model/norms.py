@@ -17,9 +17,23 @@ class RMSNorm(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = hk.get_parameter("scale", [self.dim], init=jnp.ones)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale.astype(jnp.float32)).astype(x.dtype)
+        return (rms_normalize(x, self.eps, jnp.float32) * (scale.astype(jnp.float32) + self.offset)).astype(x.dtype)
+
+    offset = 0.0  # added to the stored scale
+
+
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm whose checkpoint stores scale - 1, "zero-centred" (Qwen3-Next, Qwen3.5): x / rms(x) * (1 + w)."""
+
+    offset = 1.0
+
+
+def rms_normalize(x: jax.Array, eps: float, dtype=None) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32, returned in `dtype` (default: x's). Without
+    a scale it is Llama-4's weightless q/k norm (transformers' `Llama4TextL2Norm`)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(dtype or x.dtype)
 
 
 class LayerNorm(hk.Module):
@@ -39,7 +53,7 @@ class LayerNorm(hk.Module):
 
 
 #: config.norm -> the module; a family picks one by name.
-NORMS = {"rms": RMSNorm, "layer": LayerNorm}
+NORMS = {"rms": RMSNorm, "rms_offset": OffsetRMSNorm, "layer": LayerNorm}
 
 
 def norm(kind: str, dim: int, eps: float, name: str) -> hk.Module:

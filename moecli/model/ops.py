@@ -23,12 +23,16 @@ def matmul_xla(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return jnp.matmul(x, dense(w, x.dtype), preferred_element_type=out_dtype or x.dtype)
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, chunk: int | None = None) -> jax.Array:
     """Causal mask [q, k]: a query sees keys at or before its own position (and, with a sliding
-    window, fewer than `window` positions back)."""
+    window, fewer than `window` positions back; with chunked attention, Llama-4's, only keys in its
+    own block of `chunk` positions, [chunk * (q // chunk), q]: local attention whose span resets at
+    every block boundary, so a chunked layer's cost is bounded without a sliding window's overlap)."""
     visible = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         visible &= k_pos[None, :] > q_pos[:, None] - window
+    if chunk is not None:
+        visible &= k_pos[None, :] // chunk == q_pos[:, None] // chunk
     return visible
 
 
@@ -44,17 +48,19 @@ def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
     return exp / (jnp.sum(exp, axis=-1, keepdims=True) + jnp.exp(sink - top))
 
 
-def attend_xla(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None) -> jax.Array:
+def attend_xla(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None,
+               chunk: int | None = None) -> jax.Array:
     """softmax(q k^T * scale, causal mask) v, in float32; scale defaults to 1 / sqrt(q's head_dim).
 
     q [b, kv, group, t, d] at `positions` [t]; keys [b, kv, len, d] and values [b, kv, len, d_v]
     (d_v may differ from d: multi-head latent attention) at positions 0..len-1 (a cache's slots, or
-    the chunk itself); `sinks` [kv, group] or None (`softmax_with_sinks`). Returns float32
+    the chunk itself); `sinks` [kv, group] or None (`softmax_with_sinks`); `chunk`: chunked attention
+    (`attention_mask`). Returns float32
     [b, kv, group, t, d_v]. The softmax runs in float32: bfloat16's 8 mantissa bits are too few for a
     sum over thousands of keys."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
-    mask = attention_mask(positions, jnp.arange(k.shape[2]), window)             # [t, len]
+    mask = attention_mask(positions, jnp.arange(k.shape[2]), window, chunk)      # [t, len]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = softmax_with_sinks(scores, sinks)
     return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -76,7 +82,7 @@ class Ops:
 
     name: str
     matmul: Callable = matmul_xla          # (x, w, out_dtype=None) -> x @ w
-    attention: Callable = attend_xla       # (q, k, v, positions, window, sinks=None, scale=None) -> float32 [b, kv, g, t, d_v]
+    attention: Callable = attend_xla       # (q, k, v, positions, window, sinks=None, scale=None, chunk=None) -> float32 [b, kv, g, t, d_v]
     experts: Callable = experts_xla        # (tokens, top_k, n_experts, weight dtype) -> dropless experts fn
     # ... for experts of any gating, with biases (gpt-oss): fns that also take glu= and biases=
     gated_experts: Callable = experts_xla

@@ -17,7 +17,11 @@ def rope_frequencies(head_dim: int, rope: RopeConfig) -> tuple[np.ndarray, float
     dimensions by the angle p * inv_freq[i], so q.k depends only on the distance between tokens.
     Context-extension variants rescale the frequencies: "linear" divides every position by
     `factor` (Chen et al. 2023); "yarn" (Peng et al. 2023) interpolates only the low
-    frequencies, keeps the high ones, and scales cos/sin by an attention factor.
+    frequencies, keeps the high ones, and scales cos/sin by an attention factor; "llama3" (Meta's
+    Llama 3.1, also Llama-4) divides the frequencies of wavelengths longer than
+    original / low_freq_factor by `factor`, keeps those shorter than original / high_freq_factor, and
+    blends linearly (in original / wavelength) between them; "longrope" (Ding et al. 2024, "LongRoPE";
+    Phi-3, Phi-3.5-MoE) divides each frequency by its own searched factor and scales cos/sin.
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
     inv_freq = 1.0 / (rope.theta ** exponents)
@@ -39,7 +43,27 @@ def rope_frequencies(head_dim: int, rope: RopeConfig) -> tuple[np.ndarray, float
         keep = 1.0 - ramp  # 1 = keep the original (extrapolate), 0 = interpolate
         inv_freq = (inv_freq / rope.factor) * (1 - keep) + inv_freq * keep
         return inv_freq.astype(np.float32), rope.attention_factor
+    if rope.kind == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        old = rope.original_max_positions
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / rope.factor + smooth * inv_freq
+        scaled = np.where(wavelen > old / rope.low_freq_factor, inv_freq / rope.factor, inv_freq)
+        medium = (wavelen >= old / rope.high_freq_factor) & (wavelen <= old / rope.low_freq_factor)
+        return np.where(medium, blended, scaled).astype(np.float32), 1.0
+    if rope.kind == "longrope":
+        assert len(rope.factors) == len(inv_freq), "longrope: one factor per frequency (checked by the family)"
+        return (inv_freq / np.asarray(rope.factors, np.float32)).astype(np.float32), rope.attention_factor
     raise ValueError(f"unsupported rope kind {rope.kind!r}")
+
+
+def query_temperature(positions: jax.Array, floor: float, scale: float) -> jax.Array:
+    """Llama-4's attention-temperature tuning on its layers without RoPE ("NoPE"): the queries at position
+    p are times 1 + scale * log(1 + floor((p + 1) / floor)), float32 [seq]. Softmax over ever more keys
+    flattens; growing the logits with log(context) keeps it peaked (Nakanishi 2025, "Scalable-Softmax Is
+    Superior for Attention", arXiv 2501.19399), in steps of `floor` positions."""
+    steps = jnp.floor((positions.astype(jnp.float32) + 1.0) / floor)
+    return jnp.log1p(steps) * scale + 1.0
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -2,7 +2,8 @@
 
 Each decoder layer is  x = x + attn(norm(x));  x = x + ffn(norm(x))  (pre-norm residual blocks, as
 in every model family moecli loads), where ffn is the MoE block or, on the layers the config marks
-dense, a plain SwiGLU MLP.
+dense, a plain SwiGLU MLP. IBM Granite scales these by constant multipliers (muP-style, Yang et al.
+2021, "Tensor Programs V"): the embeddings, each residual branch and the logits (`scaled`).
 
 Parameters live in Haiku's tree under these module paths (what `moecli.checkpoints.families` maps checkpoint
 tensors onto):
@@ -17,6 +18,7 @@ tensors onto):
     transformer/layer_{i}/moe/shared_expert/{gate,up,down}_proj/w, .../moe/shared_expert_gate/w
     transformer/layer_{i}/mlp/{gate,up,down}_proj/w
     transformer/final_norm/scale,  transformer/lm_head  [d_model, vocab] (absent when tied)
+    transformer/lm_head_bias  [vocab] (ERNIE-4.5 with use_bias)
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from moecli.model.router import Routing
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
                keys_transposed: bool = False) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens: each layer's of its kind."""
-    layers = tuple(ATTENTION[config.attention].cache.empty(config, i, batch, max_len, dtype, keys_transposed)
+    layers = tuple(ATTENTION[config.attention_of(i)].cache.empty(config, i, batch, max_len, dtype, keys_transposed)
                    for i in range(config.n_layers))
     return Cache(layers, jnp.zeros((), jnp.int32))
 
@@ -50,15 +52,17 @@ class DecoderLayer(hk.Module):
         super().__init__(name=f"layer_{index}")
         self.c, self.index, self.ops, self.mesh = config, index, ops, mesh
 
-    def __call__(self, x, positions, cache, cache_pos, disabled=None, keep=None):
+    def __call__(self, x, positions, cache, cache_pos, disabled=None, keep=None, n_valid=None):
         """With `keep` (an int32 position), returns only that position's output [batch, 1, d]:
         every token's keys and values still enter the cache (and every token is routed), but the
         feed-forward block runs for the kept token alone (see `Transformer`)."""
         c = self.c
         with jax.named_scope("attention"):
             h = norm(c.norm, c.d_model, c.norm_eps, name="input_norm")(x)
-            h, cache = ATTENTION[c.attention].module(c, self.index, self.ops)(h, positions, cache, cache_pos)
-            x = x + h
+            kind = ATTENTION[c.attention_of(self.index)]
+            padded = {} if getattr(kind.cache, "rewindable", True) else {"n_valid": n_valid}  # a recurrent state
+            h, cache = kind.module(c, self.index, self.ops)(h, positions, cache, cache_pos, **padded)
+            x = x + scaled(h, c.residual_scale)
         h = norm(c.norm, c.d_model, c.norm_eps, name="post_attn_norm")(x)
         routing = None
         if c.moe_layers[self.index]:
@@ -68,10 +72,10 @@ class DecoderLayer(hk.Module):
             if keep is not None:
                 h = jax.lax.dynamic_slice_in_dim(h, keep, 1, axis=1)
             with jax.named_scope("mlp"):
-                h = MLP(c.d_model, c.d_ff, self.ops, c.quant, name="mlp")(h)
+                h = MLP(c.d_model, c.d_ff, self.ops, c.quant, name="mlp", bias=c.mlp_bias)(h)
         if keep is not None:
             x = jax.lax.dynamic_slice_in_dim(x, keep, 1, axis=1)           # [batch, 1, d_model]
-        return x + h, cache, routing
+        return x + scaled(h, c.residual_scale), cache, routing
 
 
 class Transformer(hk.Module):
@@ -94,16 +98,20 @@ class Transformer(hk.Module):
                  logits_at: jax.Array | None = None):
         c = self.c
         embed = hk.Embed(c.vocab_size, c.d_model, name="embed")
-        x = embed(ids)                                                    # [batch, seq, d_model]
+        x = scaled(embed(ids), c.embedding_scale)                         # [batch, seq, d_model]
         start = jnp.zeros((), jnp.int32) if cache is None else cache.pos
         positions = start + jnp.arange(ids.shape[1], dtype=jnp.int32)   # [seq]
         new_layers, routings = [], []
         trim = logits_at is not None and c.capacity_factor == 0
+        # With a cache, the tokens after logits_at are padding (the decoder's length buckets): recurrent
+        # layers (`rewindable` False) keep them out of their state.
+        n_valid = None if cache is None or logits_at is None else logits_at + 1
         for i in range(c.n_layers):
             layer_cache = None if cache is None else cache.layers[i]
             disabled = None if expert_mask is None else expert_mask[len(routings)]
             keep = logits_at if trim and i == c.n_layers - 1 else None
-            x, layer_cache, routing = DecoderLayer(c, i, self.ops, self.mesh)(x, positions, layer_cache, start, disabled, keep)
+            x, layer_cache, routing = DecoderLayer(c, i, self.ops, self.mesh)(
+                x, positions, layer_cache, start, disabled, keep, n_valid)
             new_layers.append(layer_cache)
             if routing is not None:
                 routings.append(routing)
@@ -116,8 +124,16 @@ class Transformer(hk.Module):
             head = get_weight("lm_head", [c.d_model, c.vocab_size], x.dtype,
                               hk.initializers.TruncatedNormal(c.d_model ** -0.5), c.quant)
             logits = self.ops.matmul(x, head, jnp.float32)
+        if c.lm_head_bias:  # ERNIE-4.5's use_bias (its LM head has one even with tied embeddings)
+            logits = logits + hk.get_parameter("lm_head_bias", [c.vocab_size], jnp.float32, init=jnp.zeros)
+        logits = scaled(logits, c.logits_scale)                          # float32 [batch, seq, vocab]
         new_cache = None if cache is None else Cache(tuple(new_layers), start + ids.shape[1])
         return logits, new_cache, stack_routing(routings)
+
+
+def scaled(x: jax.Array, scale: float) -> jax.Array:
+    """x * scale in x's dtype (Granite's embedding, residual and logits multipliers); x itself for 1."""
+    return x if scale == 1.0 else x * scale
 
 
 def stack_routing(routings: list[Routing]) -> Routing | None:

@@ -17,6 +17,11 @@ from moecli.errors import ConfigError, first_line
 from moecli.checkpoints.families import glm4_moe, minimax_m2, mixtral, olmoe, qwen_moe
 from moecli.checkpoints.families import gpt_oss
 from moecli.checkpoints.families import deepseek
+from moecli.checkpoints.families import ernie
+from moecli.checkpoints.families import phimoe
+from moecli.checkpoints.families import granite
+from moecli.checkpoints.families import llama4
+from moecli.checkpoints.families import qwen3_next
 from moecli.checkpoints.families.common import TensorMap, gqa_tensors, tensor_map
 
 FAMILIES: dict[str, ModuleType] = {
@@ -31,6 +36,15 @@ FAMILIES: dict[str, ModuleType] = {
     "deepseek_v3": deepseek,
     "kimi_k2": deepseek,        # Kimi-K2: DeepSeek-V3's architecture under its own model_type
     "glm4_moe_lite": deepseek,  # GLM-4.7-Flash: latent attention and DeepSeek-V3's MoE
+    "ernie4_5_moe": ernie,
+    "phimoe": phimoe,
+    "granitemoe": granite,
+    "granitemoeshared": granite,  # Granite MoE with a shared expert
+    "llama4_text": llama4,
+    "llama4": llama4,           # the multimodal checkpoint: its text model only
+    "qwen3_next": qwen3_next,
+    "qwen3_5_moe": qwen3_next,       # Qwen3.5's multimodal checkpoint: its text model only
+    "qwen3_5_moe_text": qwen3_next,
 }
 
 
@@ -58,13 +72,18 @@ def config_from_hf(hf: dict, folder: str | Path | None = None) -> ModelConfig:
         if getattr(config, kind) not in registry:  # a family naming a part that does not exist
             raise ConfigError(f"{config.family} asks for {kind} {getattr(config, kind)!r}, which moecli lacks",
                               f"known: {', '.join(registry)}")
+    if any(kind not in ATTENTION for kind in config.layer_attention):  # layers mixing kinds (Qwen3-Next)
+        raise ConfigError(f"{config.family} asks for attention kinds {sorted(set(config.layer_attention))}",
+                          f"known: {', '.join(ATTENTION)}")
     return config
 
 
 def checkpoint_tensors(config: ModelConfig) -> TensorMap:
     """Every tensor name the checkpoint may hold, its expected shape and where it goes."""
     family = _family(config.family)
-    return tensor_map(config, family.moe_tensors, getattr(family, "attention_tensors", gqa_tensors))
+    table = tensor_map(config, family.moe_tensors, getattr(family, "attention_tensors", gqa_tensors))
+    rename = getattr(family, "tensor_names", None)  # optional: the family's own names for the shared tensors
+    return rename(config, table) if rename else table
 
 
 def ignored_tensors(config: ModelConfig, hf: dict) -> tuple[str, ...]:
@@ -72,6 +91,12 @@ def ignored_tensors(config: ModelConfig, hf: dict) -> tuple[str, ...]:
     optional `ignored_tensors`, e.g. multi-token-prediction layers); () for most families."""
     declared = getattr(_family(config.family), "ignored_tensors", None)
     return declared(hf) if declared else ()
+
+
+def ignored_reason(config: ModelConfig) -> str:
+    """Why the family's `ignored_tensors` are not loaded, in words (its optional `IGNORED_REASON`)."""
+    return getattr(_family(config.family), "IGNORED_REASON",
+                   "as multi-token-prediction layers for speculative decoding, which moecli does not do")
 
 
 def read_config_json(checkpoint: str | Path) -> dict:

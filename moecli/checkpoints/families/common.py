@@ -30,10 +30,13 @@ class Target(NamedTuple):
     transpose: bool = True       # torch Linear stores [out, in]; Haiku uses [in, out]
     rows: tuple[int, int] | None = None  # a slice of the tensor's out axis (fused gate_up_proj)
     stride: int = 1              # ... every stride-th of those (gpt-oss interleaves gate and up)
+    shape: tuple[int, ...] | None = None  # reshaped to this (ERNIE-4.5's selection bias: [1, n] -> [n])
 
     def select(self, tensor):
         """The part of `tensor` this target takes: `rows[0]:rows[1]:stride` of its out axis, axis -2 of a
         torch [out, in] weight (transpose) and the last axis of a tensor stored [in, out] or of a bias."""
+        if self.shape is not None:
+            return tensor.reshape(self.shape)
         if self.rows is None:
             return tensor
         index = [slice(None)] * tensor.ndim
@@ -77,6 +80,12 @@ INT_RANGES: dict[str, tuple[int, int]] = {
     **dict.fromkeys(("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"), (1, MAX_DIM)),
     **dict.fromkeys(("q_lora_rank", "qk_nope_head_dim", "n_group", "topk_group"), (0, MAX_DIM)),
     "moe_layer_freq": (1, MAX_LAYERS),
+    # ERNIE-4.5 (families/ernie.py)
+    **dict.fromkeys(("moe_k", "moe_num_experts", "moe_num_shared_experts"), (0, MAX_DIM)),
+    "moe_layer_interval": (1, MAX_LAYERS),
+    # Llama-4 (families/llama4.py)
+    "intermediate_size_mlp": (0, MAX_DIM), "attention_chunk_size": (1, MAX_DIM),
+    **dict.fromkeys(("no_rope_layer_interval", "interleave_moe_layer_step"), (1, MAX_LAYERS)),
 }
 
 
@@ -151,7 +160,12 @@ def rope_from_hf(f: Fields, default_theta: float) -> RopeConfig:
         return RopeConfig(theta=theta, kind="yarn", factor=factor, original_max_positions=original,
                           beta_fast=p.get("beta_fast", 32.0, float), beta_slow=p.get("beta_slow", 1.0, float),
                           attention_factor=attention_factor, truncate=p.get("truncate", True, bool))
-    raise ConfigError(f"rope type {kind!r} is not supported", "supported: default, linear, yarn")
+    if kind == "llama3":  # Llama 3.1 / Llama-4
+        return RopeConfig(theta=theta, kind="llama3", factor=p.need("factor", float),
+                          original_max_positions=p.need("original_max_position_embeddings"),
+                          low_freq_factor=p.need("low_freq_factor", float),
+                          high_freq_factor=p.need("high_freq_factor", float))
+    raise ConfigError(f"rope type {kind!r} is not supported", "supported: default, linear, yarn, llama3")
 
 
 def check_activation(f: Fields) -> None:
@@ -217,15 +231,19 @@ def _linear(name: str, module: str, n_out: int, n_in: int, bias: bool) -> Tensor
     return table
 
 
-def _norm(name: str, module: str, dim: int) -> TensorMap:
-    return {f"{name}.weight": TensorSpec((dim,), (Target(module, "scale", transpose=False),))}
+def _norm(name: str, module: str, dim: int, offset: bool = False) -> TensorMap:
+    """A norm's weight -> "scale"; with `offset` (LayerNorm, `ModelConfig.norm` "layer") its bias -> "offset"."""
+    table = {f"{name}.weight": TensorSpec((dim,), (Target(module, "scale", transpose=False),))}
+    if offset:
+        table[f"{name}.bias"] = TensorSpec((dim,), (Target(module, "offset", transpose=False),))
+    return table
 
 
-def swiglu_tensors(hf: str, module: str, d: int, f: int) -> TensorMap:
-    """A SwiGLU MLP stored as gate_proj/up_proj/down_proj Linear layers."""
-    return {**_linear(f"{hf}.gate_proj", f"{module}/gate_proj", f, d, False),
-            **_linear(f"{hf}.up_proj", f"{module}/up_proj", f, d, False),
-            **_linear(f"{hf}.down_proj", f"{module}/down_proj", d, f, False)}
+def swiglu_tensors(hf: str, module: str, d: int, f: int, bias: bool = False) -> TensorMap:
+    """A SwiGLU MLP stored as gate_proj/up_proj/down_proj Linear layers (with biases: ERNIE-4.5)."""
+    return {**_linear(f"{hf}.gate_proj", f"{module}/gate_proj", f, d, bias),
+            **_linear(f"{hf}.up_proj", f"{module}/up_proj", f, d, bias),
+            **_linear(f"{hf}.down_proj", f"{module}/down_proj", d, f, bias)}
 
 
 def expert_tensors(c: ModelConfig, hf_block: str, module: str, names: tuple[str, str, str]) -> TensorMap:
@@ -257,7 +275,7 @@ def gqa_tensors(c: ModelConfig, layer: int, hf: str, module: str) -> TensorMap:
              **_linear(f"{hf}.o_proj", f"{module}/o_proj", c.d_model, q, c.o_bias)}
     if c.attention_sinks:  # gpt-oss: one sink logit per query head
         table[f"{hf}.sinks"] = TensorSpec((c.n_heads,), (Target(module, "sinks", transpose=False),))
-    if c.qk_norm != "none":
+    if c.qk_norm in ("head", "full"):  # "l2" (Llama-4) has no weights
         q_norm, k_norm = {"head": (c.head_dim, c.head_dim), "full": (q, kv)}[c.qk_norm]
         table.update(_norm(f"{hf}.q_norm", f"{module}/q_norm", q_norm))
         table.update(_norm(f"{hf}.k_norm", f"{module}/k_norm", k_norm))
@@ -271,19 +289,22 @@ def tensor_map(c: ModelConfig, moe_tensors, attention_tensors=gqa_tensors) -> Te
     table: TensorMap = {
         "model.embed_tokens.weight": TensorSpec((c.vocab_size, c.d_model),
                                                 (Target("transformer/embed", "embeddings", transpose=False),)),
-        **_norm("model.norm", "transformer/final_norm", c.d_model),
+        **_norm("model.norm", "transformer/final_norm", c.d_model, c.norm == "layer"),
     }
     if not c.tie_embeddings:
         table["lm_head.weight"] = TensorSpec((c.vocab_size, c.d_model), (Target("transformer", "lm_head"),))
+    if c.lm_head_bias:
+        table["lm_head.bias"] = TensorSpec((c.vocab_size,), (Target("transformer", "lm_head_bias", transpose=False),))
     for i in range(c.n_layers):
         hf, mod = f"model.layers.{i}", f"transformer/layer_{i}"
-        table.update(_norm(f"{hf}.input_layernorm", f"{mod}/input_norm", c.d_model))
-        table.update(_norm(f"{hf}.post_attention_layernorm", f"{mod}/post_attn_norm", c.d_model))
+        table.update(_norm(f"{hf}.input_layernorm", f"{mod}/input_norm", c.d_model, c.norm == "layer"))
+        table.update(_norm(f"{hf}.post_attention_layernorm", f"{mod}/post_attn_norm", c.d_model,
+                           c.norm == "layer"))
         table.update(attention_tensors(c, i, f"{hf}.self_attn", f"{mod}/attn"))
         if c.moe_layers[i]:
             table.update(moe_tensors(c, i, hf, f"{mod}/moe"))
         else:
-            table.update(swiglu_tensors(f"{hf}.mlp", f"{mod}/mlp", c.d_model, c.d_ff))
+            table.update(swiglu_tensors(f"{hf}.mlp", f"{mod}/mlp", c.d_model, c.d_ff, c.mlp_bias))
     return table
 
 

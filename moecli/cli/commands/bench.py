@@ -17,7 +17,8 @@ from moecli.errors import UsageError
 @command("bench")
 def bench(
     model: str = typer.Argument(..., metavar="MODEL", help="A checkpoint folder, or a shape: granite-1b-a400m, "
-                                "olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b (random weights, written once)."),
+                                "olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, gpt-oss-20b (random weights, written once; "
+                                "gpt-oss-20b's experts MXFP4 as the Hub stores them)."),
     compare_hf: bool = typer.Option(False, "--compare-hf", help="Also run transformers on the same files."),
     compare_llamacpp: bool = typer.Option(False, "--compare-llamacpp", help="Also run llama.cpp (`pip install "
                                           "moecli[bench]`) on the same weights as GGUF: F32, BF16, or Q8_0 / Q4_0 "

@@ -54,21 +54,23 @@ def attention_product(a: jax.Array, b: jax.Array, seq: int) -> jax.Array:
     return jnp.einsum("bkgti,bkic->bkgtc", a.astype(b.dtype), b, preferred_element_type=jnp.float32)
 
 
-def attend_xla_cpu(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None) -> jax.Array:
+def attend_xla_cpu(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None,
+                   chunk: int | None = None) -> jax.Array:
     """`moecli.model.ops.attend_xla` for transposed keys [b, kv, d, len], the XLA:CPU way."""
     scores = attention_product(q, k, q.shape[3]) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    mask = attention_mask(positions, jnp.arange(k.shape[-1]), window)  # [t, len]
+    mask = attention_mask(positions, jnp.arange(k.shape[-1]), window, chunk)  # [t, len]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, len]
     return attention_product(softmax_with_sinks(scores, sinks), v, q.shape[3])
 
 
-def attend_kernel(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None) -> jax.Array:
+def attend_kernel(q, k, v, positions, window: int | None, sinks=None, scale: float | None = None,
+                  chunk: int | None = None) -> jax.Array:
     """Causal attention in C++ (csrc/attention.cc): it visits only the keys each query may see,
     where XLA computes and masks the whole fixed-size cache (~2x the work for a prompt, and all of
     max_len for every decoded token). The kernel has no sinks and one head size for keys and values;
-    other attention (gpt-oss's sinks, latent attention's value size) takes the XLA:CPU path."""
-    if sinks is not None or v.shape[-1] != q.shape[-1]:
-        return attend_xla_cpu(q, k, v, positions, window, sinks, scale)
+    other attention (gpt-oss's sinks, latent attention's value size, Llama-4's chunks) takes the XLA:CPU path."""
+    if sinks is not None or v.shape[-1] != q.shape[-1] or chunk is not None:
+        return attend_xla_cpu(q, k, v, positions, window, sinks, scale, chunk)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kernel = lambda q, k, v, positions: ffi.attention(  # noqa: E731
         q.astype(jnp.float32) * scale, k, v, positions[0], window)
