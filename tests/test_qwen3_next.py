@@ -188,3 +188,29 @@ def test_parameter_counts_are_transformers(name):
 def test_qwen3_next_80b_a3b_counts_79_7_billion():
     counts = parameter_counts(config_from_hf(T.Qwen3NextConfig().to_dict()))
     assert counts.total == pytest.approx(79.7e9, rel=1e-3)
+
+
+def test_experts_split_over_devices(tmp_path):
+    """Qwen3-Next (Gated DeltaNet and gated attention layers, a shared expert, a dense layer) with 4
+    experts over 2 and 4 CPU devices (tests/sharding_worker.py) gives one device's logits and greedy
+    tokens, and one device gives transformers' logits."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_type, overrides = MODELS["next"]
+    hf = centre_norms(build(model_type, **{**overrides, "num_experts": 4}))
+    folder = save(hf, tmp_path / "next")
+    out = tmp_path / "devices.json"
+    worker = str(Path(__file__).with_name("sharding_worker.py"))
+    subprocess.run([sys.executable, worker, "devices", str(folder), str(out), "1,2,4"], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    ids = [[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]]  # the worker's
+    base = np.array(result["1"]["logits"])
+    np.testing.assert_allclose(base, hf_logits(hf, ids).numpy(), atol=1e-4, rtol=0)
+    for n in ("2", "4"):
+        np.testing.assert_allclose(np.array(result[n]["logits"]), base, atol=1e-5, rtol=0)
+        assert result[n]["greedy"] == result["1"]["greedy"]
+        assert result[n]["devices_used"] == int(n)
+        assert [s[0] for s in result[n]["expert_shard_shapes"]] == [4 // int(n)] * int(n)
