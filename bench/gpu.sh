@@ -33,6 +33,14 @@ timeout 120 python3 bench/gpu_layer.py 2>&1 | tee "$OUT/layer.txt" | tail -4
 timeout 240 python3 -m moecli bench olmoe-1b-7b --compare-hf --dtype bfloat16 --json "$OUT/olmoe-1b-7b.json" 2>&1 | tail -25
 MOECLI_GPU_KERNELS=1 timeout 120 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 \
   --json "$OUT/olmoe-1b-7b-pallas.json" 2>&1 | tail -25
+# Quantized weights on the GPU: the XLA dequantize-then-dot fallback (no Pallas kernel reads packed
+# bytes yet), q8 and q4, on the same OLMoE files; and gpt-oss-20b with its MXFP4 experts kept packed.
+for q in q8 q4; do
+  timeout 120 python3 -m moecli bench olmoe-1b-7b --dtype bfloat16 --quantize "$q" \
+    --json "$OUT/olmoe-1b-7b-$q.json" 2>&1 | tail -8
+done
+timeout 240 python3 -m moecli bench gpt-oss-20b --dtype bfloat16 --prompt-len 128 --new-tokens 32 \
+  --json "$OUT/gpt-oss-20b.json" 2>&1 | tail -8
 big=qwen3-30b-a3b
 python3 -c "import torch; exit(0 if torch.cuda.get_device_properties(0).total_memory > 120e9 else 1)" && big=mixtral-8x7b
 timeout 240 python3 -m moecli bench "$big" --compare-hf --dtype bfloat16 --json "$OUT/$big.json" 2>&1 | tail -25
