@@ -1,5 +1,6 @@
 """Time a first (and a warm) `moe chat` as a new user sees it: from launch to the spinner, the
-banner, the `>>>` prompt, and the end of the first reply to one message typed at the prompt.
+banner and the `>>>` prompt. (It then types one message; "reply done" is when `>>>` has been drawn
+three times, which prompt_toolkit's redraws can reach early: read it as a rough lower bound.)
 
     python bench/first_launch.py /tmp/launch-home [--runs 2]
 
