@@ -184,16 +184,18 @@ def test_damaged_glm_config_is_one_config_error(edit, match):
 
 
 def test_experts_split_over_devices(tmp_path):
-    """GLM with shared experts and groups: 2 CPU devices (tests/sharding_worker.py), 4 experts each, give
-    the single device's logits and greedy tokens, and one device gives transformers' logits."""
+    """GLM with shared experts and groups: 2 and 4 CPU devices (tests/sharding_worker.py), 4 and 2 experts
+    each, give the single device's logits and greedy tokens, and one device gives transformers' logits."""
     hf = build("glm4_moe", **{**CASES["glm-groups-dense-shared-qknorm-mtp"][1], "first_k_dense_replace": 0})
     folder = save(hf, tmp_path / "glm")
     out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
+    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2,4"], check=True, timeout=600)
     result = json.loads(out.read_text())
     ids = [[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]]  # the worker's
     base = np.array(result["1"]["logits"])
     np.testing.assert_allclose(base, hf_logits(hf, ids).numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(result["2"]["logits"]), base, atol=1e-5, rtol=0)
-    assert result["2"]["greedy"] == result["1"]["greedy"]
-    assert result["2"]["devices_used"] == 2 and [s[0] for s in result["2"]["expert_shard_shapes"]] == [4, 4]
+    for n in (2, 4):
+        np.testing.assert_allclose(np.array(result[str(n)]["logits"]), base, atol=1e-5, rtol=0)
+        assert result[str(n)]["greedy"] == result["1"]["greedy"]
+        assert result[str(n)]["devices_used"] == n
+        assert [s[0] for s in result[str(n)]["expert_shard_shapes"]] == [8 // n] * n

@@ -215,23 +215,23 @@ def test_biased_clamped_experts_agree_across_implementations(tokens):
 
 
 def test_experts_split_over_devices_equal_one_device(tmp_path):
-    """8 experts over 1 and 2 CPU devices (tests/sharding_worker.py): the same logits and greedy tokens,
-    and each device holds half of the expert weights *and of their biases*. (4 and 8 devices split the
-    same arrays the same way: test_sharding.py runs those counts.)"""
+    """8 experts over 1, 2 and 4 CPU devices (tests/sharding_worker.py): the same logits and greedy
+    tokens, and each device holds 1/N of the expert weights *and of their biases*."""
     hf = build("gpt_oss", num_local_experts=8, sliding_window=4, **SMALL)
     folder = save(hf, tmp_path / "ckpt")
     out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
+    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2,4"], check=True, timeout=600)
     result = json.loads(out.read_text())
     base = np.array(result["1"]["logits"])
     np.testing.assert_allclose(base, hf_logits(hf, WORKER_IDS).numpy(), atol=1e-4, rtol=0)
     d, f = 32, 40
     expert_bytes = 2 * 8 * (3 * d * f + 2 * f + d) * 4  # 2 layers x 8 experts x (weights + biases), float32
     one = result["1"]["bytes_per_device"][0]
-    two = result["2"]
-    np.testing.assert_allclose(np.array(two["logits"]), base, atol=1e-5, rtol=0)
-    assert two["greedy"] == result["1"]["greedy"]
-    assert two["devices_used"] == 2
-    assert all(s[0] == 4 for s in two["expert_shard_shapes"])
-    assert all(used == one - expert_bytes + expert_bytes // 2 for used in two["bytes_per_device"])
+    for n in (2, 4):
+        many = result[str(n)]
+        np.testing.assert_allclose(np.array(many["logits"]), base, atol=1e-5, rtol=0)
+        assert many["greedy"] == result["1"]["greedy"]
+        assert many["devices_used"] == n
+        assert all(s[0] == 8 // n for s in many["expert_shard_shapes"])
+        assert all(used == one - expert_bytes + expert_bytes // n for used in many["bytes_per_device"])
 
