@@ -183,11 +183,14 @@ def test_damaged_glm_config_is_one_config_error(edit, match):
         ignored_tensors(config_from_hf({**hf, **edit}), {**hf, **edit})
 
 
-def test_experts_split_over_devices(tmp_path):
-    """GLM with shared experts and groups: 2 and 4 CPU devices (tests/sharding_worker.py), 4 and 2 experts
-    each, give the single device's logits and greedy tokens, and one device gives transformers' logits."""
-    hf = build("glm4_moe", **{**CASES["glm-groups-dense-shared-qknorm-mtp"][1], "first_k_dense_replace": 0})
-    folder = save(hf, tmp_path / "glm")
+@pytest.mark.parametrize("case", ["glm-groups-dense-shared-qknorm-mtp", "minimax-top3-mha-full-rotary"])
+def test_experts_split_over_devices(tmp_path, case):
+    """GLM (shared experts, groups) and MiniMax-M2, 8 experts each: 2 and 4 CPU devices
+    (tests/sharding_worker.py) give the single device's logits and greedy tokens, and one device
+    gives transformers' logits."""
+    model_type, overrides = CASES[case]
+    hf = build(model_type, **{**overrides, "first_k_dense_replace": 0} if model_type == "glm4_moe" else overrides)
+    folder = save(hf, tmp_path / "ckpt")
     out = tmp_path / "devices.json"
     subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2,4"], check=True, timeout=600)
     result = json.loads(out.read_text())
