@@ -17,8 +17,9 @@ import pytest
 import torch
 import transformers
 
-from hf_models import BASE, build, hf_greedy, hf_logits, redraw, save
-from moecli import generate_tokens, load_model
+from hf_models import (PROMPT, assert_cached_decoding_equals_full, assert_greedy_matches, assert_logits_match,
+                       BASE, build, hf_logits, redraw, save)
+from moecli import load_model
 from moecli.checkpoints.families import config_from_hf
 from moecli.errors import ConfigError
 from moecli.model.sizes import parameter_counts
@@ -40,7 +41,6 @@ CASES = {
         intermediate_size=16, no_rope_layers=[1, 0, 1], attention_chunk_size=None, use_qk_norm=False,
         attn_temperature_tuning=False, attention_bias=True, tie_word_embeddings=True),
 }
-PROMPT = [1, 5, 9, 33, 7, 64, 2, 100, 17, 3, 90, 41]
 WORKER = str(Path(__file__).with_name("sharding_worker.py"))
 
 
@@ -68,29 +68,15 @@ def pair(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(pair):
-    hf, model = pair
-    ids = np.array([PROMPT, PROMPT[::-1]])
-    ours, theirs = np.asarray(model(ids)), hf_logits(hf, ids).numpy()
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert_logits_match(*pair)
 
 
 def test_greedy_generation_matches_transformers(pair):
-    hf, model = pair
-    assert generate_tokens(model, PROMPT[:7], max_new_tokens=16, temperature=0.0) == hf_greedy(hf, PROMPT[:7], 16)
+    assert_greedy_matches(*pair)
 
 
 def test_incremental_decoding_equals_full_forward(pair):
-    _, model = pair
-    ids = np.array([PROMPT])
-    full = np.asarray(model(ids))
-    cache = model.init_cache(batch=1, max_len=32)
-    logits, cache = model.step(ids[:, :5], cache)          # prefill 5 tokens (across a chunk boundary)
-    steps = [np.asarray(logits)]
-    for t in range(5, len(PROMPT)):                          # then one at a time
-        logits, cache = model.step(ids[:, t:t + 1], cache)
-        steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-4, rtol=0)
+    assert_cached_decoding_equals_full(pair[1])  # a 5-token prefill, then one token at a time
 
 
 def test_config_reads_the_features_and_counts_transformers_parameters(pair):
