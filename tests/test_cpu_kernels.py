@@ -392,3 +392,23 @@ def test_transpose_into_declines_what_it_cannot_do():
     assert not cpu_kernels.transpose_into(np.zeros((6, 4), np.float16), src)        # another dtype
     assert not cpu_kernels.transpose_into(np.zeros((4, 6), np.float32), src)        # not the transposed shape
     assert not cpu_kernels.transpose_into(np.zeros((3, 4), np.float32), src[:, ::2])  # not contiguous
+
+
+@pytest.mark.parametrize("t, window", [(1, None), (1, 3), (5, None)])
+def test_attention_kernel_takes_a_position_per_row(t, window):
+    """Batched serving: each batch row's queries at its own positions (start int32 [batch]) equal the
+    XLA reference with per-row masks, and each row equals the kernel run on that row alone."""
+    from moecli.model.ops import attend_xla
+
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(7), 3)
+    q = jax.random.normal(kq, (4, 2, 3, t, 16)) * 2
+    k = jax.random.normal(kk, (4, 2, 16, 24))
+    v = jax.random.normal(kv, (4, 2, 24, 16))
+    starts = jnp.array([0, 9, 3, 19], jnp.int32)
+    positions = starts[:, None] + jnp.arange(t)                            # [batch, t]
+    want = attend_xla(q, jnp.swapaxes(k, -1, -2), v, positions, window)
+    got = jax.jit(cpu_kernels.attention, static_argnums=4)(q / 4.0, k, v, starts, window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    for row in range(4):
+        alone = cpu_kernels.attention(q[row:row + 1] / 4.0, k[row:row + 1], v[row:row + 1], starts[row], window)
+        np.testing.assert_allclose(np.asarray(got[row:row + 1]), np.asarray(alone), rtol=1e-6, atol=1e-6)

@@ -72,8 +72,8 @@ class GroupedQueryAttention(hk.Module):
             inv_freq, scale = rope_frequencies(c.rotary_dim or c.head_dim, c.rope)  # partial rotary: fewer pairs
             q = apply_rope(q, positions, inv_freq, scale, ops.isolate, c.rope_interleave)  # ERNIE-4.5: pairs (2i, 2i + 1)
             k = apply_rope(k, positions, inv_freq, scale, ops.isolate, c.rope_interleave)
-        elif c.temperature_floor:  # [1, t, 1, 1]
-            t = query_temperature(positions, c.temperature_floor, c.temperature_scale)[None, :, None, None]
+        elif c.temperature_floor:  # [1 or batch, t, 1, 1]
+            t = query_temperature(positions, c.temperature_floor, c.temperature_scale).reshape(-1, seq, 1, 1)
             q = (q.astype(jnp.float32) * t).astype(q.dtype)
 
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # [b, kv, t, d]

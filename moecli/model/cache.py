@@ -48,14 +48,18 @@ class KVCache(NamedTuple):
 
 def write_at(buffer: jax.Array, x: jax.Array, pos: jax.Array, transposed: bool) -> jax.Array:
     """x [batch, heads, t, d] stored into a cache buffer at positions pos..pos+t-1, in the buffer's dtype:
-    a buffer [batch, heads, max_len, d], or [batch, heads, d, max_len] when `transposed`."""
+    a buffer [batch, heads, max_len, d], or [batch, heads, d, max_len] when `transposed`. `pos` is a
+    scalar, or int32 [batch] when each row writes at its own position (batched serving)."""
+    if pos.ndim == 1:  # one update per row: a scatter
+        return jax.vmap(lambda b, r, p: write_at(b[None], r[None], p, transposed)[0])(buffer, x, pos)
     if transposed:
         return jax.lax.dynamic_update_slice(buffer, x.swapaxes(2, 3).astype(buffer.dtype), (0, 0, 0, pos))
     return jax.lax.dynamic_update_slice(buffer, x.astype(buffer.dtype), (0, 0, pos, 0))
 
 
 class Cache(NamedTuple):
-    """Every layer's cache plus `pos`, how many positions are filled (int32 scalar)."""
+    """Every layer's cache plus `pos`, how many positions are filled: an int32 scalar, or int32 [batch]
+    when the rows hold sequences of different lengths (`moecli.serve.batch`: continuous batching)."""
 
     layers: tuple
     pos: jax.Array

@@ -27,13 +27,16 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None, chunk
     """Causal mask [q, k]: a query sees keys at or before its own position (and, with a sliding
     window, fewer than `window` positions back; with chunked attention, Llama-4's, only keys in its
     own block of `chunk` positions, [chunk * (q // chunk), q]: local attention whose span resets at
-    every block boundary, so a chunked layer's cost is bounded without a sliding window's overlap)."""
-    visible = k_pos[None, :] <= q_pos[:, None]
+    every block boundary, so a chunked layer's cost is bounded without a sliding window's overlap).
+    Queries at per-row positions [batch, q] give a mask [batch, 1, 1, q, k], shaped for the scores
+    [b, kv, group, q, k]."""
+    q_pos, k_pos = q_pos[..., :, None], k_pos[None, :]
+    visible = k_pos <= q_pos
     if window is not None:
-        visible &= k_pos[None, :] > q_pos[:, None] - window
+        visible &= k_pos > q_pos - window
     if chunk is not None:
-        visible &= k_pos[None, :] // chunk == q_pos[:, None] // chunk
-    return visible
+        visible &= k_pos // chunk == q_pos // chunk
+    return visible if visible.ndim == 2 else visible[:, None, None]
 
 
 def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
@@ -52,7 +55,7 @@ def attend_xla(q, k, v, positions, window: int | None, sinks=None, scale: float 
                chunk: int | None = None) -> jax.Array:
     """softmax(q k^T * scale, causal mask) v, in float32; scale defaults to 1 / sqrt(q's head_dim).
 
-    q [b, kv, group, t, d] at `positions` [t]; keys [b, kv, len, d] and values [b, kv, len, d_v]
+    q [b, kv, group, t, d] at `positions` [t] (or [b, t]); keys [b, kv, len, d] and values [b, kv, len, d_v]
     (d_v may differ from d: multi-head latent attention) at positions 0..len-1 (a cache's slots, or
     the chunk itself); `sinks` [kv, group] or None (`softmax_with_sinks`); `chunk`: chunked attention
     (`attention_mask`). Returns float32
@@ -60,7 +63,7 @@ def attend_xla(q, k, v, positions, window: int | None, sinks=None, scale: float 
     sum over thousands of keys."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
     scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
-    mask = attention_mask(positions, jnp.arange(k.shape[2]), window, chunk)      # [t, len]
+    mask = attention_mask(positions, jnp.arange(k.shape[2]), window, chunk)      # [t, len] or [b, 1, 1, t, len]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = softmax_with_sinks(scores, sinks)
     return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)

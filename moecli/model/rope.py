@@ -83,7 +83,7 @@ def rotate_pairs(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: float, isolate,
                interleaved: bool = False) -> jax.Array:
-    """Rotate x [batch, seq, heads, head_dim] by its tokens' positions [seq], in float32 (bf16 angles
+    """Rotate x [batch, seq, heads, head_dim] by its tokens' positions [seq] (or [batch, seq]), in float32 (bf16 angles
     lose whole rotations at long positions). `isolate` is the backend's `Ops.isolate`: cos and sin
     are computed once for all heads where the backend's compiler would recompute them per head.
 
@@ -97,11 +97,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scale: 
     rotated pairs are written back in place (here, and DeepSeek-V2's complex product) or evens first
     (transformers' DeepSeek-V3)."""
     rotary = 2 * len(inv_freq)
-    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [seq, r/2]
+    rows = positions.astype(jnp.float32).reshape(-1, positions.shape[-1])           # [1 or batch, seq]
+    angles = rows[..., None] * jnp.asarray(inv_freq)                                 # [1 or b, seq, r/2]
     if interleaved:
         assert rotary == x.shape[-1], "interleaved RoPE rotates whole heads"
-        return rotate_pairs(x, *isolate(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles[None, :, None]))
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]           # [1, seq, 1, r]
+        return rotate_pairs(x, *isolate(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles[:, :, None]))
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]              # [1 or b, seq, 1, r]
     cos, sin = isolate(lambda a: (jnp.cos(a) * scale, jnp.sin(a) * scale), angles)
     x32 = x.astype(jnp.float32)
     if rotary == x.shape[-1]:

@@ -100,7 +100,8 @@ class Transformer(hk.Module):
         embed = hk.Embed(c.vocab_size, c.d_model, name="embed")
         x = scaled(embed(ids), c.embedding_scale)                         # [batch, seq, d_model]
         start = jnp.zeros((), jnp.int32) if cache is None else cache.pos
-        positions = start + jnp.arange(ids.shape[1], dtype=jnp.int32)   # [seq]
+        # [seq], or [batch, seq] when each row has its own position (`Cache.pos` [batch]: batched serving)
+        positions = start[..., None] + jnp.arange(ids.shape[1], dtype=jnp.int32)
         new_layers, routings = [], []
         trim = logits_at is not None and c.capacity_factor == 0
         # With a cache, the tokens after logits_at are padding (the decoder's length buckets): recurrent

@@ -58,7 +58,7 @@ def attend_xla_cpu(q, k, v, positions, window: int | None, sinks=None, scale: fl
                    chunk: int | None = None) -> jax.Array:
     """`moecli.model.ops.attend_xla` for transposed keys [b, kv, d, len], the XLA:CPU way."""
     scores = attention_product(q, k, q.shape[3]) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    mask = attention_mask(positions, jnp.arange(k.shape[-1]), window, chunk)  # [t, len]
+    mask = attention_mask(positions, jnp.arange(k.shape[-1]), window, chunk)  # [t, len] or [b, 1, 1, t, len]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)     # [b, kv, group, t, len]
     return attention_product(softmax_with_sinks(scores, sinks), v, q.shape[3])
 
@@ -73,7 +73,7 @@ def attend_kernel(q, k, v, positions, window: int | None, sinks=None, scale: flo
         return attend_xla_cpu(q, k, v, positions, window, sinks, scale, chunk)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kernel = lambda q, k, v, positions: ffi.attention(  # noqa: E731
-        q.astype(jnp.float32) * scale, k, v, positions[0], window)
+        q.astype(jnp.float32) * scale, k, v, positions[..., 0], window)  # each row's first position
     reference = lambda q, k, v, positions: attend_xla_cpu(q, k, v, positions, window, None, scale)  # noqa: E731
     return with_reference_gradient(kernel, reference)(q, k, v, positions)
 

@@ -230,14 +230,15 @@ def experts(x, expert_ids, gate_weights, w_gate, w_up, w_down) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, window: int | None) -> jax.Array:
     """Causal softmax(q k) v for q [batch, kv_heads, group, t, head_dim] (already scaled) at positions
-    start.. over keys [batch, kv_heads, head_dim, len] and values [batch, kv_heads, len, head_dim]:
+    start.. (an int32 scalar, or [batch]: each row's own) over keys [batch, kv_heads, head_dim, len] and
+    values [batch, kv_heads, len, head_dim]:
     each query sees the keys at or before its position (within `window` positions, if given).
     Returns float32 [batch, kv_heads, group, t, head_dim]."""
     _require()
     _check_dtypes("moecli_attention", ACTIVATION_DTYPES, q=q, k=k, v=v)
     call = jax.ffi.ffi_call("moecli_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                jnp.asarray(start, jnp.int32).reshape(()), window=np.int64(window or 0))
+                jnp.asarray(start, jnp.int32), window=np.int64(window or 0))
 
 
 def _product(target: str, x: jax.Array, w: jax.Array) -> jax.Array:

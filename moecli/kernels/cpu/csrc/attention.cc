@@ -251,29 +251,37 @@ void attend_few(const float* qs, const float* ks, const float* vs, int64_t group
     for (int64_t c = 0; c < d; ++c) o[r * d + c] /= l[r];
 }
 
-// Every buffer float32 but `start`, an int32 scalar; letters: batch, kv heads (h), group, t, head_dim, len.
+// Every buffer float32 but `start`, int32: one position for every row, or one per batch row (each row's
+// queries at its own positions: batched serving); letters: batch, kv heads (h), group, t, head_dim, len.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer start,
                      int64_t window, ffi::Result<ffi::AnyBuffer> out) {
   if (ffi::Error error = moecli::check_operands("moecli_attention", {{"q", q, {ffi::F32}, "bhgtd"},
                                                                     {"k", k, {ffi::F32}, "bhdl"},
                                                                     {"v", v, {ffi::F32}, "bhld"},
-                                                                    {"start", start, {ffi::S32}, ""},
                                                                     {"out", *out, {ffi::F32}, "bhgtd"}});
       error.failure())
     return error;
   const auto qd = q.dimensions();
   const int64_t batch = qd[0], kv = qd[1], group = qd[2], t = qd[3], d = qd[4], len = k.dimensions()[3];
-  const int64_t first = *data<const int32_t>(start), blocks = (t + kQueries - 1) / kQueries;
+  const int64_t starts = start.element_count(), blocks = (t + kQueries - 1) / kQueries;
+  if (start.element_type() != ffi::S32)
+    return ffi::Error::InvalidArgument(std::string("moecli_attention: start is ") + moecli::dtype_name(start.element_type()) +
+                                       ", expected int32");
+  if (starts != 1 && starts != batch)
+    return ffi::Error::InvalidArgument("moecli_attention: start has " + std::to_string(starts) +
+                                       " values, expected 1 or one per batch row (" + std::to_string(batch) + ")");
+  const int32_t* first_of = data<const int32_t>(start);
+  auto first = [&](int64_t head) { return static_cast<int64_t>(first_of[starts == 1 ? 0 : head / kv]); };
   const float *qs = data<const float>(q), *ks = data<const float>(k), *vs = data<const float>(v);
   float* os = data<float>(*out);
   if (t <= kFewQueries) {
-    parallel_for(pool, batch * kv, [&](int64_t head) { attend_few(qs, ks, vs, group, t, d, len, first, window, head, os); });
+    parallel_for(pool, batch * kv, [&](int64_t head) { attend_few(qs, ks, vs, group, t, d, len, first(head), window, head, os); });
     return ffi::Error::Success();
   }
   parallel_for(pool, batch * kv * blocks, [&](int64_t item) {
     const int64_t head = item / blocks, i0 = (item % blocks) * kQueries, i1 = std::min(t, i0 + kQueries);
     auto rows = d == 64 ? attend_rows<4> : d == 128 ? attend_rows<8> : attend_rows<0>;  // the usual head sizes
-    rows(qs, ks, vs, group, t, d, len, first, window, head, i0, i1, os);
+    rows(qs, ks, vs, group, t, d, len, first(head), window, head, i0, i1, os);
   });
   return ffi::Error::Success();
 }
