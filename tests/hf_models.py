@@ -30,6 +30,8 @@ CONFIGS = {
     "granitemoe": transformers.GraniteMoeConfig,               # head_dim: an extra kwarg it keeps
     "granitemoeshared": transformers.GraniteMoeSharedConfig,
     "llama4_text": transformers.Llama4TextConfig,         # Llama4ForCausalLM (tests/test_llama4.py)
+    "dots1": transformers.Dots1Config,                    # tests/test_dots1.py
+    "hunyuan_v1_moe": transformers.HunYuanMoEV1Config,    # tests/test_hunyuan.py
 }
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
@@ -63,8 +65,8 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 std = 1 / math.sqrt(p.shape[-1])
-                if (name.endswith("gate.weight") and "proj" not in name) or name.endswith("router.weight"):
-                    std *= 4  # router (and shared-expert gate)
+                if (name.endswith(("gate.weight", "gate.wg.weight")) and "proj" not in name) or name.endswith("router.weight"):
+                    std *= 4  # router (Hunyuan's: gate.wg), and the shared-expert gate
                 if name.endswith("self_attn.sinks"):
                     std = 1.0  # gpt-oss's attention sinks: logits as large as the scores'
                 p.copy_(std * torch.randn(p.shape, generator=gen))

@@ -2,20 +2,16 @@
 16 greedy tokens, cached decoding; dense layers between the MoE ones (start / interval / end index), an
 odd expert count, head_dim != hidden / heads, shared experts, the softmax router's selection bias,
 moe_norm_min clamping the renormalisation, biases everywhere (`use_bias`, the LM head's too), interleaved
-RoPE, tied and untied embeddings, transformers 5's own tensor names, and the experts split over 2 CPU
+RoPE, tied and untied embeddings, transformers 5's own tensor names, and the experts split over 2 and 4 CPU
 devices."""
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from safetensors.torch import save_file
 
+from device_split import assert_experts_split_equal
 from hf_models import (PROMPT, assert_cached_decoding_equals_full, assert_greedy_matches, assert_logits_match,
                        build, hf_logits, save)
 from moecli import load_model
@@ -39,7 +35,6 @@ CASES = {
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
                          "rope_theta": 10000.0}),
 }
-WORKER = str(Path(__file__).with_name("sharding_worker.py"))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -122,16 +117,8 @@ def test_damaged_ernie_config_is_one_config_error(edit, match):
 
 
 def test_experts_split_over_devices(tmp_path):
-    """8 experts (dense layers, shared experts, biases as above) over 2 CPU devices (tests/sharding_worker.py),
-    4 each, give the single device's logits and greedy tokens, and one device gives transformers' logits."""
+    """8 experts (dense layers, shared experts, biases as above) over 2 and 4 CPU devices
+    (tests/device_split.py), 4 and 2 each, give the single device's logits and greedy tokens, and one
+    device gives transformers' logits."""
     hf = build("ernie4_5_moe", **{**CASES["interval-end-bias-normmin-shared"], "moe_num_experts": 8})
-    folder = save(hf, tmp_path / "ernie")
-    out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
-    result = json.loads(out.read_text())
-    ids = [[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]]  # the worker's
-    base = np.array(result["1"]["logits"])
-    np.testing.assert_allclose(base, hf_logits(hf, ids).numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(result["2"]["logits"]), base, atol=1e-5, rtol=0)
-    assert result["2"]["greedy"] == result["1"]["greedy"]
-    assert result["2"]["devices_used"] == 2 and [s[0] for s in result["2"]["expert_shard_shapes"]] == [4, 4]
+    assert_experts_split_equal(hf, tmp_path, n_experts=8)

@@ -25,8 +25,10 @@ from typer.testing import CliRunner
 
 from checkpoints import chat_checkpoint
 from test_deepseek import CASES as DEEPSEEK
+from test_dots1 import CASES as DOTS1
 from test_ernie import CASES as ERNIE
 from test_glm_minimax import CASES as GLM_MINIMAX
+from test_hunyuan import CASES as HUNYUAN
 from test_gpt_oss import CASES as GPT_OSS
 from test_granite import CASES as GRANITE
 from test_llama4 import CASES as LLAMA4
@@ -63,6 +65,8 @@ CHECKPOINTS = {
     "llama4_text": ("llama4_text", LLAMA4["dense-chunk4-nope-temperature-llama3"]),  # top-1 sigmoid, chunks of 4
     "qwen3_next": QWEN3_NEXT["next"],                                # recurrent Gated DeltaNet state
     "qwen3_5_moe_text": QWEN3_NEXT["3.5"],
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", HUNYUAN["alpha-rope-bias-odd-headdim"]),  # softmax, shared MLP
+    "dots1": DOTS1["groups-dense-shared-bias-window"],              # sigmoid, biased, 3 groups, window 6
 }
 # Multimodal checkpoints moecli loads as their text model: these features are the text model's.
 TEXT_MODEL_OF = {"llama4": "llama4_text", "qwen3_5_moe": "qwen3_5_moe_text"}

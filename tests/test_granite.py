@@ -2,14 +2,11 @@
 on tiny random float32 models with unusual settings: head_dim != hidden / heads, odd expert counts, MQA,
 tied embeddings, and each multiplier (embedding, attention, residual, logits) far from 1. test_parity's
 logits, 16 greedy tokens and cached-decoding tests run on these pairs (imported below); then each
-multiplier is shown to matter, transformers 5's own tensor names load, the experts split over 2 CPU
+multiplier is shown to matter, transformers 5's own tensor names load, the experts split over 2 and 4 CPU
 devices, the parameter count is transformers', and the real granite-3.1 shapes count as IBM says."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +14,7 @@ import torch
 import transformers as T
 from safetensors.torch import save_file
 
+from device_split import assert_experts_split_equal
 from hf_models import build, hf_logits, save
 from test_parity import (PROMPT, test_greedy_generation_matches_transformers,  # noqa: F401  (run on `pair`)
                          test_incremental_decoding_equals_full_forward, test_logits_match_transformers)
@@ -37,7 +35,6 @@ CASES = {
         shared_intermediate_size=28, attention_bias=True, embedding_multiplier=0.2, attention_multiplier=0.15,
         residual_multiplier=1.8, logits_scaling=0.4, rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
 }
-WORKER = str(Path(__file__).with_name("sharding_worker.py"))
 # ibm-granite/granite-3.1-{1b-a400m,3b-a800m}-instruct's config.json (the fields GraniteMoeConfig's defaults lack)
 GRANITE_31 = dict(attention_multiplier=0.015625, embedding_multiplier=12.0, residual_multiplier=0.22,
                   logits_scaling=6.0, vocab_size=49155, intermediate_size=512, num_key_value_heads=8,
@@ -105,20 +102,10 @@ def test_transformers_state_dict_names(case, tmp_path):
 
 
 def test_experts_split_over_devices(tmp_path):
-    """Granite with a shared expert and 6 experts on 2 CPU devices (tests/sharding_worker.py), 3 each: the
-    single device's logits and greedy tokens, and one device gives transformers' logits."""
-    overrides = {**CASES["granite-shared-mqa-top3-bias"][1], "num_local_experts": 6}
-    hf = build("granitemoeshared", **overrides)
-    folder = save(hf, tmp_path / "granite")
-    out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
-    result = json.loads(out.read_text())
-    ids = [[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]]  # the worker's
-    base = np.array(result["1"]["logits"])
-    np.testing.assert_allclose(base, hf_logits(hf, ids).numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(result["2"]["logits"]), base, atol=1e-5, rtol=0)
-    assert result["2"]["greedy"] == result["1"]["greedy"]
-    assert result["2"]["devices_used"] == 2 and [s[0] for s in result["2"]["expert_shard_shapes"]] == [3, 3]
+    """Granite with a shared expert and 8 experts on 2 and 4 CPU devices (tests/device_split.py), 4 and 2
+    each: the single device's logits and greedy tokens, and one device gives transformers' logits."""
+    hf = build("granitemoeshared", **{**CASES["granite-shared-mqa-top3-bias"][1], "num_local_experts": 8})
+    assert_experts_split_equal(hf, tmp_path, n_experts=8)
 
 
 def meta_count(cfg) -> int:

@@ -3,20 +3,18 @@ random float32 models: full-forward logits, 16 greedy tokens, cached decoding, t
 and top-2 sigmoid routing scaling the experts' inputs, the shared expert, dense layers between MoE ones,
 chunked attention with a chunk shorter than the prompt, NoPE layers with the query temperature (a small
 floor_scale, so it grows within the prompt), the weightless q/k norm, Llama 3.1's RoPE scaling, head_dim
-!= hidden / heads, odd expert counts; the vision tower skipped (and said so); 2 CPU devices."""
+!= hidden / heads, odd expert counts; the vision tower skipped (and said so); 2 and 4 CPU devices."""
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from device_split import assert_experts_split_equal
 from hf_models import (PROMPT, assert_cached_decoding_equals_full, assert_greedy_matches, assert_logits_match,
                        BASE, build, hf_logits, redraw, save)
 from moecli import load_model
@@ -41,7 +39,6 @@ CASES = {
         intermediate_size=16, no_rope_layers=[1, 0, 1], attention_chunk_size=None, use_qk_norm=False,
         attn_temperature_tuning=False, attention_bias=True, tie_word_embeddings=True),
 }
-WORKER = str(Path(__file__).with_name("sharding_worker.py"))
 
 
 def with_gentle_routers(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -180,16 +177,7 @@ def test_damaged_llama4_config_is_one_config_error(edit, match):
 
 
 def test_experts_split_over_devices(tmp_path):
-    """4 experts over 2 CPU devices (tests/sharding_worker.py), 2 each: the single device's logits and greedy
-    tokens, and one device gives transformers' logits."""
+    """4 experts over 2 and 4 CPU devices (tests/device_split.py), 2 and 1 each: the single device's logits
+    and greedy tokens, and one device gives transformers' logits."""
     hf = build_llama4("dense-chunk4-nope-temperature-llama3", num_local_experts=4)
-    folder = save(hf, tmp_path / "llama4")
-    out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
-    result = json.loads(out.read_text())
-    ids = [[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]]  # the worker's
-    base = np.array(result["1"]["logits"])
-    np.testing.assert_allclose(base, hf_logits(hf, ids).numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(result["2"]["logits"]), base, atol=1e-5, rtol=0)
-    assert result["2"]["greedy"] == result["1"]["greedy"]
-    assert result["2"]["devices_used"] == 2 and [s[0] for s in result["2"]["expert_shard_shapes"]] == [2, 2]
+    assert_experts_split_equal(hf, tmp_path, n_experts=4)

@@ -1,18 +1,14 @@
 """Phi-3.5-MoE (phimoe) against transformers on tiny random float32 models: full-forward logits, 16 greedy
 tokens, cached decoding; SparseMixer routing with a wide jitter band, LayerNorm with biases, q/k/v/o and
 LM-head biases, LongRoPE, a sliding window, an odd expert count, head_dim != hidden / heads, transformers
-5's own tensor names, and the experts split over 2 CPU devices."""
+5's own tensor names, and the experts split over 2 and 4 CPU devices."""
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import save_file
 
+from device_split import assert_experts_split_equal
 from hf_models import (PROMPT, assert_cached_decoding_equals_full, assert_greedy_matches, assert_logits_match,
                        build, hf_logits, save)
 from moecli import load_model
@@ -32,7 +28,6 @@ CASES = {
     # plain RoPE, multi-head attention, a 6-token sliding window (the 12-token prompt crosses it), no biases
     "window-mha-default-rope": dict(num_local_experts=4, num_key_value_heads=4, sliding_window=6),
 }
-WORKER = str(Path(__file__).with_name("sharding_worker.py"))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -106,16 +101,7 @@ def test_damaged_phimoe_config_is_one_config_error(edit, match):
 
 
 def test_experts_split_over_devices(tmp_path):
-    """4 experts (LongRoPE, biases, the jitter band) over 2 CPU devices (tests/sharding_worker.py), 2 each,
-    give the single device's logits and greedy tokens, and one device gives transformers' logits."""
+    """4 experts (LongRoPE, biases, the jitter band) over 2 and 4 CPU devices (tests/device_split.py), 2 and
+    1 each, give the single device's logits and greedy tokens, and one device gives transformers' logits."""
     hf = build("phimoe", **{**CASES["longrope-bias-jitter-odd"], "num_local_experts": 4})
-    folder = save(hf, tmp_path / "phimoe")
-    out = tmp_path / "devices.json"
-    subprocess.run([sys.executable, WORKER, "devices", str(folder), str(out), "1,2"], check=True, timeout=600)
-    result = json.loads(out.read_text())
-    ids = [[1, 5, 9, 33, 7, 64, 2, 100, 17, 3], [4, 8, 15, 16, 23, 42, 99, 7, 1, 2]]  # the worker's
-    base = np.array(result["1"]["logits"])
-    np.testing.assert_allclose(base, hf_logits(hf, ids).numpy(), atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.array(result["2"]["logits"]), base, atol=1e-5, rtol=0)
-    assert result["2"]["greedy"] == result["1"]["greedy"]
-    assert result["2"]["devices_used"] == 2 and [s[0] for s in result["2"]["expert_shard_shapes"]] == [2, 2]
+    assert_experts_split_equal(hf, tmp_path, n_experts=4)

@@ -32,6 +32,7 @@ from hf_models import build, save
 from test_fp8 import DEEPSEEK, fp8_checkpoint
 from test_mxfp4 import CONFIG as GPT_OSS_MXFP4, save_mxfp4
 from test_granite import REAL as GRANITE
+from test_dots1 import DOTS_LLM1
 from moecli.checkpoints.families import FAMILIES, config_from_hf, load_config, read_config_json
 from moecli.checkpoints.quantize import quantize_checkpoint
 from moecli.checkpoints.safetensors import check_safetensors, safetensors_files
@@ -48,6 +49,12 @@ DEEPSEEK_V2_LITE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=1
                         num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
                         n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
                         q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+
+# tencent/Hunyuan-A13B-Instruct's config.json (its per-layer lists of one value written as that value)
+HUNYUAN_A13B = dict(vocab_size=128167, hidden_size=4096, intermediate_size=3072, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_experts=64, moe_topk=8,
+                    tie_word_embeddings=True, max_position_embeddings=32768,
+                    rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})
 
 # name: (config, published (total, active) in billions or None, the publisher's active convention)
 CASES = {
@@ -74,6 +81,10 @@ CASES = {
     # granite-3.1's config.json (tests/test_granite.py); IBM's "1b-a400m" (1.33 B, 0.38 B) is rounder than 2-3 %
     "granite-3.1-1b-a400m": (lambda: T.GraniteMoeConfig(**GRANITE["granite-3.1-1b-a400m"][0]), None, None),
     "granite-3.1-3b-a800m": (lambda: T.GraniteMoeConfig(**GRANITE["granite-3.1-3b-a800m"][0]), (3.3, 0.8), "neither"),
+    # dots.llm1.inst's config.json (tests/test_dots1.py); rednote's model card: 142 B total, 14 B active
+    "dots.llm1": (lambda: T.Dots1Config(**DOTS_LLM1), (142, 14), "embedding"),
+    # Hunyuan-A13B-Instruct: Tencent's model card says 80 B total, 13 B active (skipped until registered)
+    "hunyuan-a13b": (lambda: T.HunYuanMoEV1Config(**HUNYUAN_A13B), (80, 13), "embedding"),
 }
 
 

@@ -33,7 +33,8 @@ class GroupedQueryAttention(hk.Module):
     see `moecli.model.ops.softmax_with_sinks`). Llama-4: RoPE on the layers `rope_layers` marks, chunked
     attention (`moecli.model.ops.attention_mask`) on those `chunk_layers` marks, a weightless q/k norm on
     the RoPE layers (qk_norm "l2") and a position-dependent query temperature on the others
-    (`moecli.model.rope.query_temperature`).
+    (`moecli.model.rope.query_temperature`). Hunyuan-A13B: the per-head q/k norm, with weights, after RoPE
+    (qk_norm "head_after_rope").
     """
 
     def __init__(self, config: ModelConfig, layer: int, ops: Ops, name: str = "attn"):
@@ -75,6 +76,9 @@ class GroupedQueryAttention(hk.Module):
         elif c.temperature_floor:  # [1 or batch, t, 1, 1]
             t = query_temperature(positions, c.temperature_floor, c.temperature_scale).reshape(-1, seq, 1, 1)
             q = (q.astype(jnp.float32) * t).astype(q.dtype)
+        if c.qk_norm == "head_after_rope":  # Hunyuan-A13B: per head, with weights, after RoPE
+            q = norm(c.norm, c.head_dim, c.norm_eps, name="q_norm")(q)
+            k = norm(c.norm, c.head_dim, c.norm_eps, name="k_norm")(k)
 
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)           # [b, kv, t, d]
         if cache is not None:  # write this chunk at cache_pos, then attend over the whole (fixed-size) cache

@@ -188,7 +188,8 @@ class ModelConfig:
     lm_head_bias: bool = False    # a bias on the logits (ERNIE-4.5's use_bias)
     rope_interleave: bool = False  # gqa: RoPE rotates dimension pairs (2i, 2i + 1), not (i, i + d/2) (ERNIE-4.5)
     qk_norm: str = "none"         # none | head (per head, Qwen3) | full (whole projection, OLMoE) | l2 (per head,
-                                  # no weights, RoPE layers only: Llama-4)
+                                  # no weights, RoPE layers only: Llama-4) | head_after_rope (per head, with
+                                  # weights, after RoPE: Hunyuan-A13B)
     clip_qkv: float | None = None
     attention_sinks: bool = False  # a learned per-head logit in every softmax denominator (gpt-oss)
     mla: MLAConfig | None = None  # multi-head latent attention's sizes (attention "mla"; head_dim = q/k head size)

@@ -22,6 +22,8 @@ from moecli.checkpoints.families import phimoe
 from moecli.checkpoints.families import granite
 from moecli.checkpoints.families import llama4
 from moecli.checkpoints.families import qwen3_next
+from moecli.checkpoints.families import dots1
+from moecli.checkpoints.families import hunyuan
 from moecli.checkpoints.families.common import TensorMap, gqa_tensors, tensor_map
 
 FAMILIES: dict[str, ModuleType] = {
@@ -45,6 +47,8 @@ FAMILIES: dict[str, ModuleType] = {
     "qwen3_next": qwen3_next,
     "qwen3_5_moe": qwen3_next,       # Qwen3.5's multimodal checkpoint: its text model only
     "qwen3_5_moe_text": qwen3_next,
+    "hunyuan_v1_moe": hunyuan,  # Hunyuan-A13B
+    "dots1": dots1,             # dots.llm1: DeepSeek-V3's MoE on Qwen3's attention
 }
 
 
