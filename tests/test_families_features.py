@@ -8,7 +8,8 @@ built from its parity tests' overrides:
   mask that leaves top_k experts routes only to those, whatever the router (expert groups included),
   and changes the logits;
 - a 3-turn greedy `ChatSession`, which reuses its cache, replies with the same tokens as one that
-  recomputes every turn from an empty cache (latent caches, windows shorter than the chat)."""
+  recomputes every turn from an empty cache (latent caches, windows shorter than the chat);
+- continuous batching (`moe serve`) gives each request the tokens it gets alone."""
 from __future__ import annotations
 
 import json
@@ -39,10 +40,13 @@ from moecli import load_model
 from moecli.checkpoints.families import FAMILIES
 from moecli.cli.main import app
 from moecli.inference.conversation import ChatSession
+from moecli.inference.decoder import generate_tokens
 from moecli.inference.engine import Model
 from moecli.inference.routing import moe_layer_numbers
 from moecli.inference.sampling import SamplingParams
+from moecli.serve.scheduler import Scheduler
 from moecli.text.tokenizer import Tokenizer
+from serving import submit
 
 # model_type -> (the transformers model_type that builds it, overrides): one parity case per family, chosen
 # for what these features could get wrong (windows and chunks shorter than the chat, dense layers, groups).
@@ -253,3 +257,26 @@ def test_three_turn_chat_reusing_the_cache_equals_recomputing_each_turn(family):
         chat.decoder.reset()
         assert ("".join(chat.reply(text)), chat.decoder.ids[slice(*chat.reply_span)]) == reply
         assert chat.last_stats.reused_tokens == 0
+
+
+def test_batched_serving_gives_each_request_the_tokens_it_gets_alone(family):
+    """Continuous batching (`moecli.serve`): requests of different lengths join a 4-row batch at different
+    steps, their prompts prefilled in chunks of 5 between the others' decode steps, and each gets exactly
+    the greedy tokens of decoding it alone (padding rows in the step's bucket included); a request that
+    continues a finished one starts from its cached prefix (a recurrent state too) with the same tokens."""
+    encode = family.tokenizer.encode
+    prompts = [encode(text) for text in ("the water", "and then what happened to the water in the end?", "tell")]
+    alone = [generate_tokens(family.model, p, max_new_tokens=8) for p in prompts]
+    scheduler = Scheduler(family.model, max_batch=4, context=96, prefill_chunk=5).start()
+    try:
+        first, _ = submit(scheduler, prompts[0])
+        assert first.first.wait(120)                                     # decoding when the others arrive
+        rest = [submit(scheduler, p)[0] for p in prompts[1:]]
+        assert [out.wait().tokens for out in [first, *rest]] == alone
+        assert {out.done.reason for out in [first, *rest]} == {"length"}
+        follow = prompts[1] + alone[1] + encode(" and more")
+        out = submit(scheduler, follow)[0].wait()
+        assert out.done.cached_tokens == len(prompts[1]) + len(alone[1]) - 1  # all its cache held
+        assert out.tokens == generate_tokens(family.model, follow, max_new_tokens=8)
+    finally:
+        scheduler.close()

@@ -7,6 +7,6 @@ model only inside their functions, so `moe --help` and argument errors answer wi
 from __future__ import annotations
 
 from moecli.cli.app import app
-from moecli.cli.commands import bench, chat, download, generate, info, quantize, train  # noqa: F401 (registration)
+from moecli.cli.commands import bench, chat, download, generate, info, quantize, serve, train  # noqa: F401 (registration)
 
 __all__ = ["app"]

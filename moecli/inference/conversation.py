@@ -28,7 +28,7 @@ from moecli.inference.engine import Model
 from moecli.errors import MoecliError, UsageError
 from moecli.inference.decoder import Decoder
 from moecli.inference.sampling import SamplingParams
-from moecli.text.reasoning import ANSWER, PLAIN, REASONING, Segment, reasoning_format
+from moecli.text.reasoning import ANSWER, PLAIN, REASONING, ReasoningFormat, Segment, reasoning_format
 from moecli.text.tokenizer import Tokenizer
 
 SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "max_tokens": int,
@@ -43,6 +43,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def chat_reply_format(tokenizer: Tokenizer) -> tuple[ReasoningFormat, tuple[str, ...]]:
+    """How a chat reply is read: the checkpoint's reasoning format, and the stop strings the chat
+    adds (a checkpoint without a template gets the plain "User:/Assistant:" layout, whose replies
+    stop at the next "User:"). Shared by `moe chat` and `moe serve`."""
+    _, fallback = chat_template_for(tokenizer)
+    return (PLAIN, PLAIN_STOP_STRINGS) if fallback else (reasoning_format(tokenizer), ())
 
 
 class ChatSession:
@@ -63,9 +71,8 @@ class ChatSession:
         self.template_vars = template_vars or {}  # extra chat-template variables
         self.system = system
         self.messages: list[dict] = []
-        _, fallback = chat_template_for(tokenizer)
-        self.stop = tuple(stop) + (PLAIN_STOP_STRINGS if fallback else ())
-        self.format = PLAIN if fallback else reasoning_format(tokenizer)  # how replies mark reasoning
+        self.format, extra_stops = chat_reply_format(tokenizer)  # how replies mark reasoning
+        self.stop = tuple(stop) + extra_stops
         self.decoder = Decoder(model, max_len=context_window(model, context))
         self.decoder.capture_routing = any(model.config.moe_layers)  # for /experts
         self.last_stats = GenerationStats()

@@ -132,6 +132,13 @@ class StopStrings:
         return out
 
 
+def stop_token_ids(tokenizer: Tokenizer, config, extra: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The token ids that end a reply: the tokenizer's eos ids (else config.json's), then `extra`
+    (a reasoning format's, e.g. harmony's `<|return|>` and `<|call|>`). Shared by every decoding
+    loop: `stream_tokens_as_text` and `moe serve`'s requests."""
+    return (tuple(tokenizer.eos_ids) or tuple(config.eos_token_ids)) + tuple(extra)
+
+
 def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
                           max_tokens: int | None = None, stop: tuple[str, ...] = (),
                           stats: GenerationStats | None = None, should_stop=lambda: False,
@@ -146,7 +153,7 @@ def stream_tokens_as_text(decoder: Decoder, tokenizer: Tokenizer, ids: list[int]
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens, compiled_before = len(ids), decoder.compile_s
     detok, stops = tokenizer.incremental_decoder(skip_special_tokens=not keep_special), StopStrings(stop)
-    eos = (tuple(tokenizer.eos_ids) or tuple(decoder.model.config.eos_token_ids)) + tuple(stop_ids)
+    eos = stop_token_ids(tokenizer, decoder.model.config, stop_ids)
     start = last = time.perf_counter()
     compiled_by_first = 0.0  # compile time inside the time to first token
     stats.stopped_by = "max tokens"
