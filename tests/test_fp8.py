@@ -1,4 +1,6 @@
-"""moecli.checkpoints.fp8 (block-FP8 checkpoints, dequantized at load) against torch and transformers.
+"""moecli.checkpoints.fp8 (block-FP8 checkpoints) against torch and transformers: the cases whose d_expert is a
+whole number of block rows keep their experts packed (moecli.model.fp8; more in test_fp8_kernels.py), the
+others (`ragged`: d_expert 24 in 16-row blocks) dequantize them at load like every other FP8 tensor.
 
 The tiny checkpoints are written the way the Hub stores DeepSeek-V3 / Qwen3-FP8: every Linear weight
 but the routers, the LM head and the ones listed in modules_to_not_convert becomes float8_e4m3fn
@@ -254,7 +256,9 @@ def test_weight_and_scale_in_different_shards_pair_up(ragged, tmp_path):
 
 
 def test_the_memory_check_counts_the_dequantized_size(ragged, monkeypatch):
-    """FP8 is a quarter of float32 on disk, but the weights are float32 in memory once loaded."""
+    """FP8 is a quarter of float32 on disk, but dequantized weights are float32 in memory once loaded
+    (here the experts too: d_expert 24 is no whole number of 16-row blocks)."""
+    assert not load_config(ragged[0]).quant
     folder, _ = ragged
     f32 = parameter_counts(load_config(folder)).total * 4
     on_disk = (folder / "model.safetensors").stat().st_size

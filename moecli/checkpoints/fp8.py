@@ -1,4 +1,4 @@
-"""Block-FP8 checkpoints (`quant_method: "fp8"` with `weight_block_size`), dequantized as they are read.
+"""Block-FP8 checkpoints (`quant_method: "fp8"` with `weight_block_size`): experts kept packed, the rest dequantized.
 
 What: the format DeepSeek-V3/R1, Kimi-K2, MiniMax-M2 and the Qwen3 "-FP8" releases ship (transformers'
 `FineGrainedFP8Config`). Each quantized Linear `prefix` stores, torch-style [out, in]:
@@ -21,12 +21,17 @@ local magnitude; a 128x128 tile (one per 128 inputs *and* 128 outputs) lets an F
 by tile while one outlier costs resolution in its own tile only (DeepSeek-V3 technical report, Liu et al.
 2024, section 3.3 "fine-grained quantization").
 
-How moecli reads it: each FP8 tensor is dequantized into the model's dtype as it streams from the files
-(products in float32, rounded once, as transformers' `Fp8Dequantize` does), a block row at a time; the
-scales' shapes are checked from the headers before any tensor is read. So memory holds the float model
-(`loader.check_memory` counts that), and `--quantize q8|q4` then works from these floats. FP8 is not kept
-packed: moecli's kernels have no float8 path, and moving each block into the int8 layout of
-`moecli.model.quant` would round a second time.
+How moecli reads it: the routed experts (most of the bytes) stay packed, their e4m3 bytes and
+float32 scales as stored (`moecli.model.fp8`, `QuantConfig.experts_format` "fp8", chosen by
+`keeps_experts_packed`): `read` yields each as a `PackedFP8`, the memory check counts 1 byte a weight
+plus the scales, and on CPU the kernel csrc/fp8.cc multiplies the bytes in place (other backends
+dequantize in the graph, `moecli.model.quant.dense`). Every other FP8 tensor (attention, dense MLPs,
+shared experts), and the experts too under `--quantize q8|q4` or where `keeps_experts_packed` says no
+(d_expert not a whole number of block rows: a fused gate_up stack's halves would share block rows), is
+dequantized into the model's dtype as it streams from the files (products in float32, rounded once, as
+transformers' `Fp8Dequantize` does), a block row at a time; `--quantize` then works from these floats
+(moving each block into the int8 layout of `moecli.model.quant` directly would round a second time).
+The scales' shapes are checked from the headers before any tensor is read.
 
 transformers 5.24 differs where a dimension is not a multiple of the block: its CPU dequantizing loader
 (`FineGrainedFP8Config(dequantize=True)`, which the default becomes without a GPU) takes the block as
@@ -45,14 +50,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
 
 from moecli.checkpoints.placement import aligned_empty
-from moecli.checkpoints.safetensors import check_safetensors, iter_tensors
+from moecli.checkpoints.safetensors import check_safetensors, iter_tensors, safetensors_files
 from moecli.dtypes import SAFETENSORS_NAMES
 from moecli.errors import CheckpointError, ConfigError
+from moecli.model import fp8 as packed_fp8
+from moecli.model.fp8 import FP8Weight
 
 QUANT_METHOD = "fp8"
 SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv", "x.experts.down_proj" -> "..._scale_inv"
@@ -102,7 +110,7 @@ def parse_config(hf_config: dict) -> Scheme | None:
 def grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     """The scale tensor's shape for a weight of `shape` [..., rows, cols]: one scale per block, ceil."""
     *lead, rows, cols = shape
-    return (*lead, -(-rows // block[0]), -(-cols // block[1]))
+    return (*lead, *packed_fp8.grid(rows, cols, block))
 
 
 def check_headers(headers: dict[str, dict], scheme: Scheme) -> None:
@@ -181,10 +189,56 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, cores), thread_name_prefix="moecli-fp8")
 
 
-def read(files: list[Path], scheme: Scheme, dtype, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, np.ndarray]]:
+class PackedFP8(NamedTuple):
+    """A checkpoint's FP8 tensor kept packed, standing for its torch-style float tensor [..., out, in]."""
+
+    weight: np.ndarray   # uint8 [..., out, in]: the e4m3 codes
+    scale: np.ndarray    # float32 [..., ceil(out / bo), ceil(in / bi)]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return E4M3
+
+
+def keeps_experts_packed(config, scheme: Scheme, folder: Path | None = None) -> bool:
+    """Whether a block-FP8 checkpoint's routed experts stay packed in memory (`moecli.model.fp8`,
+    `QuantConfig.experts_format` "fp8") rather than being dequantized as they load: a model with routed
+    experts whose size d_expert is a whole number of block rows (transformers' fused gate_up stack [e, 2f,
+    d] then splits between two block rows; every FP8 release has d_expert a multiple of 128), and, given
+    the `folder`, a checkpoint whose expert tensors are FP8 (not listed in modules_to_not_convert)."""
+    if not (config.n_experts and any(config.moe_layers)) or config.d_expert % scheme.block[0]:
+        return False
+    if folder is None:
+        return True
+    headers = merged_headers(safetensors_files(folder))
+    return any(".experts." in name and info.get("dtype") == "F8_E4M3" for name, info in headers.items())
+
+
+def select(packed: PackedFP8, target, block: tuple[int, int]) -> FP8Weight:
+    """Target `target`'s part of a packed tensor (a `families.common.Target`: all of it, or a block-aligned
+    slice of its out axis: a fused gate_up stack's half), as numpy arrays in `moecli.model.fp8`'s layout."""
+    w = FP8Weight(packed.weight, packed.scale, block)
+    if not target.transpose or target.shape is not None:
+        raise CheckpointError(f"{target.module}/{target.param}: FP8 tensors are torch-style [out, in] Linears",
+                              "the family's tensor table is wrong for block-FP8")
+    if target.rows is None:
+        return w
+    try:
+        return packed_fp8.select_outputs(w, slice(target.rows[0], target.rows[1], target.stride))
+    except ValueError as e:
+        raise CheckpointError(f"{target.module}/{target.param}: {e}", "load it with --quantize q8 instead") from e
+
+
+def read(files: list[Path], scheme: Scheme, dtype, skip: tuple[str, ...] = (),
+         keep=None) -> Iterator[tuple[str, np.ndarray | PackedFP8]]:
     """(name, array) for every tensor of the checkpoint's `files`, one at a time: float tensors as
     `iter_tensors` gives them, each FP8 weight dequantized into `dtype` under its own name once its scale
-    has arrived too (its scale is not yielded). Names starting with a `skip` prefix (tensors the loader
+    has arrived too (its scale is not yielded), or, where `keep(name)` says so, kept packed as a
+    PackedFP8 (the scales widened to float32). Names starting with a `skip` prefix (tensors the loader
     drops: multi-token-prediction layers) are passed on as stored, scales too, without being dequantized."""
     check_headers(merged_headers(files), scheme)
     weights: dict[str, np.ndarray] = {}
@@ -203,7 +257,11 @@ def read(files: list[Path], scheme: Scheme, dtype, skip: tuple[str, ...] = ()) -
             yield name, tensor
             continue
         if owner in weights and owner in scales:  # the pair may arrive in either order, or from two shards
-            yield owner, dequantize(weights.pop(owner), scales.pop(owner), scheme.block, dtype)
+            weight, scale = weights.pop(owner), scales.pop(owner)
+            if keep is not None and keep(owner):
+                yield owner, PackedFP8(weight.view(np.uint8), scale.astype(np.float32))
+            else:
+                yield owner, dequantize(weight, scale, scheme.block, dtype)
     if weights or scales:  # check_headers found both halves of every pair, so only a changed file gets here
         raise CheckpointError(f"FP8 tensor {next(iter(weights or scales))} lost its pair while loading", DAMAGED)
 

@@ -94,8 +94,8 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None, notes
     scheme = compressed_tensors.parse_config(hf)
     skipped = ignored_tensors(config, hf)  # e.g. multi-token-prediction layers
     files, block_fp8 = safetensors_files(folder), fp8.parse_config(hf)
-    if block_fp8 is not None:  # block-FP8: each weight dequantized into the model's dtype as it is read
-        stream = fp8.read(files, block_fp8, placer.dtype, skipped)
+    if block_fp8 is not None:  # block-FP8: experts kept packed (`QuantConfig.experts_format` "fp8"), the rest
+        stream = fp8.read(files, block_fp8, placer.dtype, skipped, keep=_fp8_kept(table, config))  # dequantized
     elif mxfp4_checkpoint.parse_config(hf):  # MXFP4 experts: their blocks and scales kept packed
         stream = mxfp4_checkpoint.combine(iter_tensors(files, quantized=mxfp4_checkpoint.STORED))
     else:
@@ -118,6 +118,10 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None, notes
         if isinstance(tensor, Packed):   # a quantized checkpoint's matrix, already [in, out]
             for t in spec.targets:
                 placer.put(t.module, t.param, t.expert, tensor)
+            continue
+        if isinstance(tensor, fp8.PackedFP8):   # block-FP8 experts, standing for [..., out, in]
+            for t in spec.targets:
+                placer.put(t.module, t.param, t.expert, fp8.select(tensor, t, config.quant.block))
             continue
         if isinstance(tensor, mxfp4_checkpoint.PackedMXFP4):   # MXFP4 experts, standing for [e, in, out]
             for t in spec.targets:
@@ -148,6 +152,15 @@ def load_params(folder: str | Path, config: ModelConfig, dtype, mesh=None, notes
         notes.append("not loaded: " + ", ".join(f"{n} tensors of {prefix}*" for prefix, n in not_loaded.items())
                      + f" (the {config.family} family declares them unused, {ignored_reason(config)})")
     return placer.params
+
+
+def _fp8_kept(table, config: ModelConfig):
+    """Which FP8 checkpoint tensors stay packed: those whose every target is a parameter `config.quant`
+    keeps as block-FP8 (`quant.is_fp8`: the experts, unless `--quantize` asks for integers)."""
+    def keep(name: str) -> bool:
+        spec = table.get(name)
+        return spec is not None and all(quant.is_fp8(f"{t.module}/{t.param}", config.quant) for t in spec.targets)
+    return keep
 
 
 def table_targets(table, module: str, param: str, expert: int | None) -> list:

@@ -11,7 +11,7 @@ With `quantization` (a QuantConfig: `--quantize`, or a quantized checkpoint's), 
 it arrives — a whole tensor, or one expert's slice — and placed as its two parameters `{param}_q`
 and `{param}_scale`: host memory holds the quantized model plus the one tensor being read.
 MXFP4 experts (gpt-oss, `moecli.model.mxfp4`) are placed as the checkpoint packs them, `{param}_blocks`
-and `{param}_scales`.
+and `{param}_scales`; block-FP8 experts (`moecli.model.fp8`) likewise, `{param}_e4m3` and `{param}_scale_inv`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moecli.checkpoints import mxfp4 as mxfp4_checkpoint
-from moecli.model import mxfp4, quant
+from moecli.model import fp8, mxfp4, quant
 from moecli.model.router import FLOAT32_PARAMS
 from moecli.model.sharding import partition_spec, sharding_for
 
@@ -42,6 +42,10 @@ class Placer:
         """Whether (module, param) is kept as MXFP4 (`quant.is_mxfp4`)."""
         return quant.is_mxfp4(f"{module}/{param}", self.quant)
 
+    def fp8(self, module: str, param: str) -> bool:
+        """Whether (module, param) is kept as block-FP8 (`quant.is_fp8`)."""
+        return quant.is_fp8(f"{module}/{param}", self.quant)
+
     def put(self, module: str, param: str, expert: int | None, array) -> None:
         """A whole parameter (expert None) or one expert's slice of a stacked one."""
         if expert is None:
@@ -55,7 +59,12 @@ class Placer:
         quantized checkpoint's matrix (`Packed`) as it is, where it has the bits and group size
         this parameter is kept in, else dequantized first. An MXFP4 parameter takes a checkpoint's
         MXFP4 arrays as they are (a float tensor is rounded to MXFP4); MXFP4 arrays for a parameter kept
-        in another format (`--quantize`) are dequantized first."""
+        in another format (`--quantize`) are dequantized first. A block-FP8 parameter takes a checkpoint's
+        FP8Weight as it is (a float tensor is rounded to block-FP8)."""
+        if self.fp8(module, param):
+            w = array if isinstance(array, fp8.FP8Weight) else fp8.quantize(array, self.quant.block)
+            return [(f"{param}{suffix}", part, dtype)
+                    for suffix, part, dtype in zip(fp8.SUFFIXES, w, (np.uint8, np.float32))]
         if self.mxfp4(module, param):
             w = array if isinstance(array, mxfp4.MXFP4Weight) else mxfp4.quantize(array)
             return [(f"{param}{suffix}", part, np.uint8) for suffix, part in zip(mxfp4.SUFFIXES, w)]
@@ -124,6 +133,8 @@ class Placer:
     def names(self, module: str, param: str) -> tuple[str, ...]:
         if self.mxfp4(module, param):
             return tuple(f"{param}{suffix}" for suffix in mxfp4.SUFFIXES)
+        if self.fp8(module, param):
+            return tuple(f"{param}{suffix}" for suffix in fp8.SUFFIXES)
         return (f"{param}_q", f"{param}_scale") if self.bits(module, param) else (param,)
 
     def first_missing_expert(self, module: str, param: str) -> int:

@@ -60,13 +60,16 @@ class QuantConfig:
     weights along the input dimension (`moecli.model.quant`). Kinds as `moecli.model.quant.RULES`
     names them: the routed experts, the other Linear layers of the decoder, the LM head.
     `experts_format` "mxfp4": the experts are 4-bit floats in blocks of 32 with power-of-two scales
-    instead (`moecli.model.mxfp4`, as gpt-oss ships them); `experts` is then 4."""
+    instead (`moecli.model.mxfp4`, as gpt-oss ships them); `experts` is then 4. "fp8": the experts are
+    e4m3 bytes with a float32 scale per `block` (rows, columns) of their [out, in] matrices, as a block-FP8
+    checkpoint stores them (`moecli.model.fp8`); `experts` is then 8."""
 
     experts: int = 0
     dense: int = 0
     lm_head: int = 0
     group: int = 32
-    experts_format: str = "int"   # int | mxfp4
+    experts_format: str = "int"   # int | mxfp4 | fp8
+    block: tuple[int, int] = (128, 128)  # fp8: the [out, in] block one scale covers
 
     @classmethod
     def preset(cls, bits: int) -> "QuantConfig":
@@ -83,7 +86,7 @@ class QuantConfig:
         if self == QuantConfig.preset(self.experts):
             return f"q{self.experts}"
         names = {b: f"q{b}" for b in (4, 8)} | {0: "float"}
-        return ", ".join(f"{k} {'mxfp4' if k == 'experts' and self.experts_format == 'mxfp4' else names[b]}"
+        return ", ".join(f"{k} {self.experts_format if k == 'experts' and self.experts_format != 'int' else names[b]}"
                          for k, b in kinds.items())
 
     def validate(self) -> None:
@@ -91,8 +94,9 @@ class QuantConfig:
             raise ConfigError(f"quantized weights must have 4 or 8 bits, got {self}")
         if not (self.group >= 2 and self.group & (self.group - 1) == 0):
             raise ConfigError(f"the quantization group size must be a power of two >= 2, got {self.group}")
-        if self.experts_format not in ("int", "mxfp4") or (self.experts_format == "mxfp4" and self.experts != 4):
-            raise ConfigError(f"experts_format must be int, or mxfp4 with 4-bit experts, got {self}")
+        if (self.experts_format not in ("int", "mxfp4", "fp8") or (self.experts_format == "mxfp4" and self.experts != 4)
+                or (self.experts_format == "fp8" and (self.experts != 8 or min(self.block) < 1))):
+            raise ConfigError(f"experts_format must be int, mxfp4 with 4-bit experts or fp8 with 8-bit ones, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)

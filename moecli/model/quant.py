@@ -15,8 +15,9 @@ Layout (what the kernels read; `moecli.kernels.cpu.csrc`), for a matrix in moecl
         stored as value + 8;    scale float16 [in / group, out]
 Expert stacks add a leading [n_experts] axis to both. Activations stay in float: the weights are
 unpacked and scaled in registers (kernels) or dequantized first (`dequantize`, the reference).
-A checkpoint's MXFP4 experts (gpt-oss) are another packed kind, `moecli.model.mxfp4.MXFP4Weight`:
-`get_weight`, `dense`, `take` and `weight_dtype` below take either.
+A checkpoint's MXFP4 experts (gpt-oss) are another packed kind, `moecli.model.mxfp4.MXFP4Weight`, and
+a block-FP8 checkpoint's experts (DeepSeek-V3, Qwen3-FP8, ...) a third, `moecli.model.fp8.FP8Weight`:
+`get_weight`, `dense`, `take` and `weight_dtype` below take any of them.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moecli.model import mxfp4
+from moecli.model import fp8, mxfp4
+from moecli.model.fp8 import FP8Weight
 from moecli.model.mxfp4 import MXFP4Weight
 
 GROUP = 32
@@ -71,6 +73,11 @@ def is_mxfp4(path: str, config) -> bool:
     return bool(config) and config.experts_format == "mxfp4" and kind_for(path) == "experts"
 
 
+def is_fp8(path: str, config) -> bool:
+    """Whether `module/param` is a block-FP8 weight under `config` (its experts, `experts_format`)."""
+    return bool(config) and config.experts_format == "fp8" and kind_for(path) == "experts"
+
+
 def group_size(d_in: int, bits: int, group: int = GROUP) -> int:
     """`group` (32 unless a checkpoint says otherwise), or for an input size it does not divide
     (tiny test models) the largest power of two that does (at least 2 for q4, whose bytes pair rows)."""
@@ -88,6 +95,8 @@ def get_weight(name: str, shape: list[int], dtype, init, quant=None):
     path = f"{hk.experimental.current_name()}/{name}"
     if is_mxfp4(path, quant):
         return mxfp4.get_parameters(name, shape)
+    if is_fp8(path, quant):
+        return fp8.get_parameters(name, shape, quant.block)
     bits = bits_for(path, quant) if quant else 0
     group = quant.group if quant else GROUP
     if not bits:
@@ -98,8 +107,8 @@ def get_weight(name: str, shape: list[int], dtype, init, quant=None):
                            hk.get_parameter(f"{name}_scale", scale_shape, jnp.float16, init=jnp.ones))
 
 
-#: The suffixes of a packed weight's stored parameters: a QuantizedWeight's, then an MXFP4Weight's.
-STORED_SUFFIXES = ("_q", "_scale", *mxfp4.SUFFIXES)
+#: The suffixes of a packed weight's stored parameters: a QuantizedWeight's, an MXFP4Weight's, an FP8Weight's.
+STORED_SUFFIXES = ("_q", "_scale", *mxfp4.SUFFIXES, *fp8.SUFFIXES)
 
 
 def float_name(param: str) -> str:
@@ -143,21 +152,25 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 
 def weight_dtype(w):
     """The dtype a kernel dispatches on: the float dtype, the integers' (int8 q8, uint8 q4), or
-    float4_e2m1fn for MXFP4 (`mxfp4.DTYPE`)."""
+    float4_e2m1fn for MXFP4 (`mxfp4.DTYPE`), float8_e4m3fn for block-FP8 (`fp8.DTYPE`)."""
     if isinstance(w, MXFP4Weight):
         return jnp.dtype(mxfp4.DTYPE)
+    if isinstance(w, FP8Weight):
+        return jnp.dtype(fp8.DTYPE)
     return w.q.dtype if isinstance(w, QuantizedWeight) else w.dtype
 
 
 def is_packed(w) -> bool:
-    """Whether w is stored packed (integers or MXFP4) rather than as a float array."""
-    return isinstance(w, (QuantizedWeight, MXFP4Weight))
+    """Whether w is stored packed (integers, MXFP4 or block-FP8) rather than as a float array."""
+    return isinstance(w, (QuantizedWeight, MXFP4Weight, FP8Weight))
 
 
 def dense(w, dtype) -> jax.Array:
     """w as a float array of `dtype`: dequantized if quantized, else as it is."""
     if isinstance(w, MXFP4Weight):
         return mxfp4.dequantize(w, dtype)
+    if isinstance(w, FP8Weight):
+        return fp8.dequantize(w, dtype)
     return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
 
 
@@ -165,6 +178,8 @@ def take(w, e):
     """Expert e's matrix of a stacked parameter, quantized or not."""
     if isinstance(w, MXFP4Weight):
         return mxfp4.take(w, e)
+    if isinstance(w, FP8Weight):
+        return fp8.take(w, e)
     return QuantizedWeight(w.q[e], w.scale[e]) if isinstance(w, QuantizedWeight) else w[e]
 
 

@@ -28,7 +28,7 @@ from moecli.model.router import Routing
 AXIS = "expert"
 # (regex over "module/param", PartitionSpec): the first match wins.
 RULES: list[tuple[str, P]] = [
-    (r"/moe/(w_gate|w_up|w_down)(_q|_scale|_blocks|_scales)?$", P(AXIS)),  # stacked experts (or their packed parts)
+    (r"/moe/(w_gate|w_up|w_down)(_q|_scale|_blocks|_scales|_e4m3|_scale_inv)?$", P(AXIS)),  # stacked experts (or their packed parts)
     (r"/moe/(b_gate|b_up|b_down)$", P(AXIS)),                # their biases (gpt-oss), with them
     (r".*", P()),                               # everything else: replicated
 ]

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from moecli.model.config import ModelConfig, QuantConfig
+from moecli.model.fp8 import SUFFIXES as FP8_SUFFIXES
 from moecli.model.sharding import partition_spec
 from moecli.model.transformer import init_cache, transformed
 
@@ -105,8 +106,10 @@ def weight_bytes(config: ModelConfig, itemsize: int) -> tuple[int, int]:
         for param, shape in group.items():
             size = int(np.prod(shape.shape))
             # Float parameters trace as float32 and load in the caller's dtype; quantized parts
-            # (int8 / uint8 integers, float16 scales; MXFP4's uint8 blocks and scales) keep theirs.
-            nbytes = size * (itemsize if shape.dtype == jnp.float32 else shape.dtype.itemsize)
+            # (int8 / uint8 integers, float16 scales; MXFP4's uint8 blocks and scales; block-FP8's uint8
+            # codes and float32 block scales) keep theirs.
+            as_loaded = shape.dtype == jnp.float32 and not param.endswith(FP8_SUFFIXES[1])
+            nbytes = size * (itemsize if as_loaded else shape.dtype.itemsize)
             if partition_spec(module, param) == PartitionSpec():
                 replicated += nbytes
             else:

@@ -63,7 +63,7 @@ def config_from_hf(hf: dict, folder: str | Path | None = None) -> ModelConfig:
     """ModelConfig from a parsed config.json (any supported model_type); a quantized checkpoint's
     config (and, given its `folder`, its tensors) says which weights it stores as integers
     (`moecli.checkpoints.quantized`)."""
-    from moecli.checkpoints import compressed_tensors, mxfp4
+    from moecli.checkpoints import compressed_tensors, fp8, mxfp4
     from moecli.checkpoints.quantized import quant_config_for
 
     config = _family(hf.get("model_type")).config_from_hf(hf)
@@ -72,6 +72,9 @@ def config_from_hf(hf: dict, folder: str | Path | None = None) -> ModelConfig:
         config = config.replace(quant=quant_config_for(config, checkpoint_tensors(config), scheme, folder))
     if mxfp4.parse_config(hf):  # the experts stay MXFP4 (moecli.checkpoints.mxfp4)
         config = config.replace(quant=QuantConfig(experts=4, experts_format="mxfp4"))
+    block_fp8 = fp8.parse_config(hf)
+    if block_fp8 is not None and fp8.keeps_experts_packed(config, block_fp8, folder):  # FP8 experts stay packed
+        config = config.replace(quant=QuantConfig(experts=8, experts_format="fp8", block=block_fp8.block))
     for kind, registry in (("attention", ATTENTION), ("router", ROUTERS), ("norm", NORMS), ("expert_act", GLUS)):
         if getattr(config, kind) not in registry:  # a family naming a part that does not exist
             raise ConfigError(f"{config.family} asks for {kind} {getattr(config, kind)!r}, which moecli lacks",

@@ -12,8 +12,8 @@ What XLA:CPU needs that other backends do not, kept here rather than in the mode
   over the cache (as a dot, it copied the cache into another layout every step).
 With the kernels (`moecli.kernels.cpu.ffi`; MOECLI_CPU_KERNELS=0 turns them off), matrix products,
 attention and the experts run in C++ for float32, bfloat16 and quantized (q8/q4) weights, and MXFP4
-experts (gpt-oss) through a packed matrix-vector kernel; float16 weights, which the kernels do not
-read, take the XLA paths. Gradients always go through the pure-JAX references.
+experts (gpt-oss) and block-FP8 experts (DeepSeek-V3, Qwen3-FP8, ...) through packed matrix-vector
+kernels; float16 weights, which the kernels do not read, take the XLA paths. Gradients always go through the pure-JAX references.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from moecli.kernels.cpu import ffi
 from moecli.kernels.gradients import with_reference_gradient
 from moecli.model import experts as E
-from moecli.model import mxfp4
+from moecli.model import fp8, mxfp4
 from moecli.model.ops import Ops, attention_mask, experts_xla, matmul_xla, softmax_with_sinks
 from moecli.model.quant import QuantizedWeight, weight_dtype
 from moecli.model.router import Routing
@@ -118,21 +118,18 @@ def experts_kernel_q(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, 
     return y.astype(x.dtype)
 
 
-def experts_kernel_mxfp4(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False,
-                         glu=E.silu_glu, biases=None):
-    """Dropless experts of any gating and biases (gpt-oss's clamped SwiGLU) on MXFP4 weights
-    (`moecli.model.mxfp4`): the gate, up and down products of every assignment by the packed kernel
-    (csrc/mxfp4.cc: each chosen expert's bytes read once, unpacked by a table in registers, ~7.5x
-    fewer bytes than float32), the biases and gating in JAX, in float32, between them. Tokens of
-    one expert share its reads, so prompts take it too. Ids outside [0, n_experts) contribute 0.
-    Inference only: training never sees MXFP4 weights."""
+def gathered_experts(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, glu, biases, matvec):
+    """Dropless experts of any gating and biases from a gathered product `matvec(rows [n, in], ids [n], w)
+    -> float32 [n, out]` (a packed kernel: each chosen expert's bytes read once): the gate, up and down
+    products of every assignment by it, the biases and gating in JAX, in float32, between them. Tokens
+    of one expert share its reads, so prompts take it too. Ids outside [0, n_experts) contribute 0."""
     tokens, top_k = routing.experts.shape
     ids = routing.experts.reshape(-1)                                     # [n] assignments, token-major
     here = (ids >= 0) & (ids < n_experts)
     b_gate, b_up, b_down = biases or (None, None, None)
 
     def product(rows, w, b):                                              # [n, in] -> float32 [n, out]
-        y = ffi.expert_matvec_mxfp4(rows, ids, w.blocks, w.scales)
+        y = matvec(rows, ids, w)
         return y if b is None else y + b[jnp.where(here, ids, 0)].astype(jnp.float32)
 
     xs = jnp.repeat(x, top_k, axis=0)                                     # [n, d]
@@ -142,18 +139,42 @@ def experts_kernel_mxfp4(x, w_gate, w_up, w_down, routing: Routing, n_experts: i
     return y.astype(x.dtype)
 
 
+def experts_kernel_mxfp4(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False,
+                         glu=E.silu_glu, biases=None):
+    """Dropless experts of any gating and biases (gpt-oss's clamped SwiGLU) on MXFP4 weights
+    (`moecli.model.mxfp4`), `gathered_experts` over the packed kernel (csrc/mxfp4.cc: each chosen
+    expert's bytes read once, unpacked by a table in registers, ~7.5x fewer bytes than float32).
+    Inference only: training never sees MXFP4 weights."""
+    return gathered_experts(x, w_gate, w_up, w_down, routing, n_experts, glu, biases,
+                            lambda rows, ids, w: ffi.expert_matvec_mxfp4(rows, ids, w.blocks, w.scales))
+
+
+def experts_kernel_fp8(x, w_gate, w_up, w_down, routing: Routing, n_experts: int, elsewhere: bool = False,
+                       glu=E.silu_glu, biases=None):
+    """Dropless experts on block-FP8 weights (`moecli.model.fp8`: DeepSeek-V3, Qwen3-FP8, ...),
+    `gathered_experts` over the packed kernel (csrc/fp8.cc: each chosen expert's e4m3 bytes read once,
+    converted in registers and scaled a block at a time: half the bytes of bfloat16). Prompts take it
+    too (an expert's tokens 4 at a time over its codes in cache). Inference only."""
+    return gathered_experts(x, w_gate, w_up, w_down, routing, n_experts, glu, biases,
+                            lambda rows, ids, w: ffi.expert_matvec_fp8(rows, ids, w.weight, w.scale, w.block))
+
+
 def pick_experts(tokens: int, top_k: int, n_experts: int, dtype):
     if jnp.dtype(dtype) in (jnp.int8, jnp.uint8):   # a QuantizedWeight's integers
         return experts_kernel_q
     if jnp.dtype(dtype) == jnp.dtype(mxfp4.DTYPE):  # MXFP4 (`quant.weight_dtype`)
         return experts_kernel_mxfp4
+    if jnp.dtype(dtype) == jnp.dtype(fp8.DTYPE):    # block-FP8
+        return experts_kernel_fp8
     return experts_kernel if reads(dtype) else experts_xla(tokens, top_k, n_experts, dtype)
 
 
 def pick_gated_experts(tokens: int, top_k: int, n_experts: int, dtype):
-    """`Ops.gated_experts`: MXFP4 weights through their kernel, others the pure-JAX experts."""
+    """`Ops.gated_experts`: MXFP4 and block-FP8 weights through their kernels, others the pure-JAX experts."""
     if jnp.dtype(dtype) == jnp.dtype(mxfp4.DTYPE):
         return experts_kernel_mxfp4
+    if jnp.dtype(dtype) == jnp.dtype(fp8.DTYPE):
+        return experts_kernel_fp8
     return experts_xla(tokens, top_k, n_experts, dtype)
 
 

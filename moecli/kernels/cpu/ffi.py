@@ -26,6 +26,11 @@ registers (csrc/quant_matvec.h); prompts dequantize while packing the matrix eng
 per call (`prompt_engine_cap`): float32 activations (a float32 model quantized) take the float32
 engine, exact, whatever the process's bfloat16 engine; bfloat16 ones take the fastest.
 
+Checkpoints' packed experts have one gathered matrix-vector kernel each, `expert_matvec_mxfp4`
+(gpt-oss's MXFP4, csrc/mxfp4.cc) and `expert_matvec_fp8` (block-FP8's e4m3 bytes and float32 block
+scales, csrc/fp8.cc): one product per assignment, each chosen expert's bytes read once a call, a
+prompt's tokens included (csrc/expert_gather.h plans the work of both).
+
 The shared library is built with the system C++ compiler ($CXX, else g++ or c++) by `pip install`
 (setup.py; the library then ships inside the package), or else into moecli's cache folder the first
 time it is needed (~15 s); either way it is keyed by the sources, jaxlib's FFI headers, the CPU, the
@@ -138,7 +143,8 @@ def available() -> bool:
                              ("moecli_matmul", "MoecliMatmul"), ("moecli_matvec_q", "MoecliMatvecQ"),
                              ("moecli_matmul_q", "MoecliMatmulQ"), ("moecli_experts_q", "MoecliExpertsQ"),
                              ("moecli_grouped_experts_q", "MoecliGroupedExpertsQ"),
-                             ("moecli_expert_matvec_mxfp4", "MoecliExpertMatvecMxfp4")):
+                             ("moecli_expert_matvec_mxfp4", "MoecliExpertMatvecMxfp4"),
+                             ("moecli_expert_matvec_fp8", "MoecliExpertMatvecFp8")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         _why_not = str(e)
@@ -351,3 +357,19 @@ def expert_matvec_mxfp4(x: jax.Array, expert_ids: jax.Array, blocks: jax.Array, 
     _check_dtypes(kernel, ("uint8",), blocks=blocks, scales=scales)
     call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((x.shape[0], blocks.shape[1]), jnp.float32))
     return call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), blocks, scales)
+
+
+def expert_matvec_fp8(x: jax.Array, expert_ids: jax.Array, weight: jax.Array, scale: jax.Array,
+                      block: tuple[int, int]) -> jax.Array:
+    """y[a] = x[a] @ W[expert_ids[a]] for rows x [a, k], W a stack of block-FP8 matrices [e, k, n]
+    (`moecli.model.fp8`: weight uint8 [e, n, k] of e4m3 codes, scale float32 [e, ceil(n / bo), ceil(k / bi)],
+    `block` (bo, bi)); float32 [a, n], rows whose id is outside [0, e) zero. Each chosen expert's bytes
+    read once, in place, converted to float32 in registers and scaled a block at a time (csrc/fp8.cc)."""
+    _require()
+    kernel = "moecli_expert_matvec_fp8"
+    _check_dtypes(kernel, ACTIVATION_DTYPES, x=x)
+    _check_dtypes(kernel, ("uint8",), weight=weight)
+    _check_dtypes(kernel, ("float32",), scale=scale)
+    call = jax.ffi.ffi_call(kernel, jax.ShapeDtypeStruct((x.shape[0], weight.shape[1]), jnp.float32))
+    return call(x.astype(jnp.float32), expert_ids.astype(jnp.int32), weight, scale,
+                block_rows=np.int64(block[0]), block_cols=np.int64(block[1]))

@@ -7,18 +7,17 @@
 // products of any gated FFN. Decoding reads 4.25 bits a weight where float32 reads 32 (bfloat16 16),
 // and decoding is bound by how fast the weights stream from memory.
 //
-// The work: assignments are grouped by expert (out-of-range ids: another device's experts, left
-// 0); each (expert, block of outputs) is a work item on XLA's thread pool, so every byte of a chosen
-// expert is read from memory once a call, whatever the number of its tokens; within an item, a few
-// dozen outputs at a time (kCacheRows, ~100 KB of bytes: in L2) serve the expert's tokens kMxTokens
-// at a time. x is deinterleaved once a call (mxfp4_deinterleave).
+// The work (csrc/expert_gather.h): each (expert, block of outputs) is a work item on XLA's thread pool,
+// every byte of a chosen expert read once a call; a few dozen outputs at a time (kCacheRows, ~100 KB
+// of bytes: in L2) serve the expert's tokens kMxTokens at a time. x is deinterleaved once a call
+// (mxfp4_deinterleave).
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
-#include <vector>
 
 #include "common.h"
+#include "expert_gather.h"
 #include "mxfp4_matvec.h"
 
 namespace {
@@ -74,39 +73,15 @@ ffi::Error ExpertMatvecMxfp4(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
 
   struct Deinterleaved;
   float* xd = static_cast<float*>(moecli::thread_buffer<Deinterleaved>(std::max<int64_t>(1, n * k) * sizeof(float)));
-  std::vector<int64_t> start(n_experts + 1, 0), order;  // assignments by expert (a counting sort)
-  for (int64_t a = 0; a < n; ++a) {
-    if (expert[a] < 0 || expert[a] >= n_experts) continue;
-    moecli::mxfp4_deinterleave(data<const float>(x) + a * k, k, xd + a * k);
-    ++start[expert[a] + 1];
-  }
-  for (int64_t e = 0; e < n_experts; ++e) start[e + 1] += start[e];
-  order.resize(start[n_experts]);
-  std::vector<int64_t> next(start.begin(), start.end() - 1), used;
-  for (int64_t a = 0; a < n; ++a)
-    if (expert[a] >= 0 && expert[a] < n_experts) order[next[expert[a]]++] = a;
-  for (int64_t e = 0; e < n_experts; ++e)
-    if (start[e + 1] > start[e]) used.push_back(e);
-  if (used.empty()) return ffi::Error::Success();
-
-  // Outputs split so that there are ~4 items a thread (fewer when the outputs run out).
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads()), count = used.size();
-  const int64_t splits = std::clamp<int64_t>((4 * threads + count - 1) / count, 1, (m + kMxRows - 1) / kMxRows);
-  const int64_t span = moecli::round_up((m + splits - 1) / splits, kMxRows);
+  const moecli::ExpertGroups groups(expert, n, n_experts);
+  for (const int64_t a : groups.order) moecli::mxfp4_deinterleave(data<const float>(x) + a * k, k, xd + a * k);
   const int64_t row_bytes = k / 2, row_scales = k / kMxBlock;
-  moecli::parallel_for(pool, count * splits, [&](int64_t item) {
-    const int64_t e = used[item / splits], j0 = (item % splits) * span, j1 = std::min(m, j0 + span);
-    const uint8_t *eb = wb + e * m * row_bytes, *es = ws + e * m * row_scales;
-    for (int64_t c0 = j0; c0 < j1; c0 += kCacheRows) {
-      const int64_t c1 = std::min(j1, c0 + kCacheRows);
-      for (int64_t i = start[e]; i < start[e + 1]; i += kMxTokens) {
-        const int64_t tokens = std::min<int64_t>(kMxTokens, start[e + 1] - i);
-        const float* xs[kMxTokens];
-        float* ys[kMxTokens];
-        for (int64_t t = 0; t < tokens; ++t) xs[t] = xd + order[i + t] * k, ys[t] = out + order[i + t] * m;
-        rows(tokens, xs, ys, eb, es, k, c0, c1);
-      }
-    }
+  moecli::for_each_expert_chunk(pool, groups, m, kMxRows, kCacheRows, kMxTokens,
+                                [&](int64_t e, int64_t tokens, const int64_t* assignments, int64_t j0, int64_t j1) {
+    const float* xs[kMxTokens];
+    float* ys[kMxTokens];
+    for (int64_t t = 0; t < tokens; ++t) xs[t] = xd + assignments[t] * k, ys[t] = out + assignments[t] * m;
+    rows(tokens, xs, ys, wb + e * m * row_bytes, ws + e * m * row_scales, k, j0, j1);
   });
   return ffi::Error::Success();
 }

@@ -70,7 +70,6 @@ inline void mxfp4_unpack(const uint8_t* p, QVec v[kMxVecs]) {
   v[0] = _mm512_permutexvar_ps(bytes, table);                         // low nibbles: the index's low 4 bits
   v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);  // high nibbles
 }
-inline float qsum(QVec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 inline __m256 fp4_lookup8(__m256i codes) {  // 8 codes 0..15: the magnitude by permute, the sign (bit 3) by xor
   const __m256 magnitude = _mm256_permutevar8x32_ps(_mm256_load_ps(kFp4Values), codes);  // low 3 bits
@@ -84,22 +83,12 @@ inline void mxfp4_unpack(const uint8_t* p, QVec v[kMxVecs]) {
     v[2 + half] = fp4_lookup8(_mm256_srli_epi32(bytes, 4));
   }
 }
-inline float qsum(QVec v) {
-  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-}
 #else
 inline void mxfp4_unpack(const uint8_t* p, QVec v[kMxVecs]) {
   for (int i = 0; i < kMxBlock / 2; ++i) {
     v[i / kQLanes][i % kQLanes] = kFp4Values[p[i] & 15];
     v[(kMxBlock / 2 + i) / kQLanes][i % kQLanes] = kFp4Values[p[i] >> 4];
   }
-}
-inline float qsum(QVec v) {
-  float sum = 0.f;
-  for (int i = 0; i < kQLanes; ++i) sum += v[i];
-  return sum;
 }
 #endif
 

@@ -66,7 +66,8 @@ inline float quantized_value(QuantWeights<Q4> w, int64_t ldw, int64_t k, int64_t
 //                                (whole - lo) / 16 (q4_load), and quant_matvec.h folds that
 //                                division into x, saving a shift a vector; the offset of 8 is
 //                                the caller's too;
-//   scale_load(p):               kQLanes float16 scales as floats.
+//   scale_load(p):               kQLanes float16 scales as floats;
+//   qsum(v):                     the sum of v's lanes.
 #if defined(__AVX512F__)
 constexpr int kQLanes = 16;
 constexpr const char* kQuantIsa = "avx512";
@@ -90,6 +91,7 @@ inline void q4_load_bytes(const uint8_t* p, QVec& lo, QVec& whole) {
 inline QVec scale_load(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+inline float qsum(QVec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int kQLanes = 8;
 constexpr const char* kQuantIsa = "avx2";
@@ -109,6 +111,11 @@ inline void q4_load_bytes(const uint8_t* p, QVec& lo, QVec& whole) {
 }
 inline QVec scale_load(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float qsum(QVec v) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
 }
 #else  // any other CPU: GCC/Clang vectors, the compiler picks the instructions
 constexpr int kQLanes = 8;
@@ -140,6 +147,11 @@ inline QVec scale_load(const uint16_t* p) {
   QVec v;
   for (int i = 0; i < kQLanes; ++i) v[i] = half_to_float(p[i]);
   return v;
+}
+inline float qsum(QVec v) {
+  float sum = 0.f;
+  for (int i = 0; i < kQLanes; ++i) sum += v[i];
+  return sum;
 }
 #endif
 
