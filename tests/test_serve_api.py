@@ -32,7 +32,7 @@ def srv():
     from moecli.serve.scheduler import Scheduler
 
     model, tokenizer = load(bundled_model(), dtype="float32")
-    scheduler = Scheduler(model, max_batch=4, context=CONTEXT, max_queue=8, prefill_chunk=64,
+    scheduler = Scheduler(model, max_batch=8, context=CONTEXT, max_queue=8, prefill_chunk=64,
                           prefix_cache_mb=16).start()
     try:
         with serving(create_app(model, tokenizer, scheduler, "bardmoe")) as url:
@@ -63,7 +63,7 @@ def post(srv, path: str, **kwargs) -> httpx.Response:
 def test_models_and_health(srv):
     assert [m.id for m in srv.client.models.list().data] == ["bardmoe"]
     health = httpx.get(f"{srv.url}/health").json()
-    assert health["status"] == "ok" and health["max_batch"] == 4 and health["active"] == 0
+    assert health["status"] == "ok" and health["max_batch"] == 8 and health["active"] == 0
     missing = httpx.get(f"{srv.url}/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
@@ -129,8 +129,10 @@ def test_a_seed_replays_the_same_sample(srv):
 
 
 def test_concurrent_streams_each_get_their_greedy_tokens(srv):
+    """8 clients streaming at once (the batch's 8 rows) each get the greedy text of decoding alone."""
     prompts = ["Friends, Romans, countrymen,", "Now is the winter of our discontent", "O Romeo, Romeo!",
-               "All the world's a stage,"]
+               "All the world's a stage,", "If music be the food of love,", "KING:", "Good morrow, cousin.",
+               "What light through yonder window breaks?"]
     expected = [reference(srv, srv.tokenizer.encode(p), 10)[0] for p in prompts]
     got, errors = [None] * len(prompts), []
 
@@ -269,3 +271,50 @@ def test_the_api_key_guards_every_endpoint_but_health(srv):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=120)
         assert client.completions.create(model="bardmoe", prompt=POEM, max_tokens=1, temperature=0).usage.completion_tokens == 1
+
+
+def test_a_bounded_load_loses_nothing(srv):
+    """36 requests from 12 threads, streamed and not, at a server of 2 rows and a queue of 1: each gets
+    a whole reply (its finish reason, usage agreeing with the text streamed) or a clear 429, never a
+    hang or a broken answer, and afterwards the server is idle and answers as before."""
+    from moecli.serve.api import create_app
+    from moecli.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(srv.model, max_batch=2, context=CONTEXT, max_queue=1).start()
+    outcomes, lock = [], threading.Lock()
+    try:
+        with serving(create_app(srv.model, srv.tokenizer, scheduler, "bardmoe")) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+            def one(i: int):
+                kwargs = dict(model="bardmoe", prompt=POEM[: 10 + i % 20], max_tokens=4 + i % 5, temperature=0)
+                try:
+                    if i % 2:
+                        chunks = list(client.completions.create(stream=True, **kwargs))
+                        finish = chunks[-1].choices[0].finish_reason
+                        text = "".join(c.choices[0].text for c in chunks)
+                        outcome = ("done", finish, len(srv.tokenizer.encode(text)) > 0 or finish == "stop")
+                    else:
+                        reply = client.completions.create(**kwargs)
+                        outcome = ("done", reply.choices[0].finish_reason,
+                                   reply.usage.completion_tokens <= kwargs["max_tokens"])
+                except openai.RateLimitError as error:
+                    outcome = ("429", error.body["message"] if isinstance(error.body, dict) else "", True)
+                except Exception as error:  # noqa: BLE001 - any other outcome fails the test
+                    outcome = ("broken", repr(error), False)
+                with lock:
+                    outcomes.append(outcome)
+
+            threads = [threading.Thread(target=lambda t=t: [one(3 * t + k) for k in range(3)]) for t in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            assert len(outcomes) == 36, "a request never finished"
+            assert all(kind in ("done", "429") and ok for kind, _, ok in outcomes), outcomes
+            assert all(reason in ("stop", "length") for kind, reason, _ in outcomes if kind == "done"), outcomes
+            assert any(kind == "429" for kind, _, _ in outcomes) and any(kind == "done" for kind, _, _ in outcomes)
+            assert wait_idle(scheduler, 10), scheduler.stats()
+            assert client.completions.create(model="bardmoe", prompt=POEM, max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        scheduler.close()

@@ -55,15 +55,23 @@ def test_seeded_and_greedy_requests_batched_get_their_tokens_alone(bard, schedul
     assert [out.done.prompt_tokens for out in outs] == [len(p) for p in prompts]
 
 
-def test_requests_coming_and_going_compile_nothing_new(bard, scheduler):
-    """Decode steps run on 1, 2 or 4 rows (buckets): once each is compiled, any traffic reuses them."""
-    _, prompts = bard
-    for n in (1, 2, 3, 4):                                               # every bucket once
-        [out.wait() for out in [submit(scheduler, p, 4)[0] for p in prompts[:n]]]
+def test_requests_coming_and_going_compile_nothing_new(bard):
+    """Decode steps run on 1, 2, 4 or 6 rows (buckets): once `precompile` has compiled each, traffic
+    of any shape (arriving together and apart, leaving unevenly, over and under each bucket) compiles
+    nothing, and the tokens are still each request's alone."""
+    model, prompts = bard
+    scheduler = Scheduler(model, max_batch=6, context=128, prefill_chunk=7).precompile()
     compiled = scheduler.stats()["compiled_programs"]
-    outs = [submit(scheduler, p, 3 + i)[0] for i, p in enumerate(prompts)]  # arriving and leaving unevenly
-    [out.wait() for out in outs]
-    assert scheduler.stats()["compiled_programs"] == compiled
+    assert compiled >= 4 * 4
+    scheduler.start()
+    try:
+        for wave in (prompts[:1], prompts[:3], prompts, prompts[2:4]):
+            outs = [submit(scheduler, p, 3 + 2 * i)[0] for i, p in enumerate(wave)]
+            assert [out.wait().tokens for out in outs] == [
+                generate_tokens(model, p, max_new_tokens=3 + 2 * i) for i, p in enumerate(wave)]
+        assert scheduler.stats()["compiled_programs"] == compiled
+    finally:
+        scheduler.close()
 
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(bard, scheduler):

@@ -111,6 +111,14 @@ class Scheduler:
         self._thread.start()
         return self
 
+    def precompile(self) -> "Scheduler":
+        """Compile the decode step of every batch bucket (and the row copies), and the staging prefill of
+        a first chunk, before `start`: then no request waits on the compiler (`moe serve` does this)."""
+        assert not self._thread.is_alive(), "precompile before start"
+        self.batch.precompile()
+        self.stage.precompile((min(self.prefill_chunk, self.context),))
+        return self
+
     def submit(self, request: Request) -> Handle:
         if not request.prompt:
             raise UsageError("the prompt is empty", "send at least one token")

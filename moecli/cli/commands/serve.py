@@ -21,7 +21,6 @@ from moecli.cli.app import command
 from moecli.cli import options as opt
 from moecli.errors import UsageError
 
-WARM_UP_S = 600  # a first launch of a large model may compile for minutes
 
 
 @command("serve")
@@ -65,10 +64,10 @@ def serve(
     m, tokenizer = load(source, dtype=dtype, revision=revision, devices=devices, quantize=quantize)
     window = context_window(m, context, note)
     scheduler = Scheduler(m, max_batch=max_batch, context=window, max_queue=max_queue,
-                          prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb).start()
+                          prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb)
     try:
-        print("compiling the batched decode step ...", file=sys.stderr)
-        warm_up(scheduler, tokenizer)
+        print("compiling the batched decode steps ...", file=sys.stderr)
+        scheduler.precompile().start()  # every batch bucket's programs, so no client waits on the compiler
         model_id = model or "bardmoe"
         app = create_app(m, tokenizer, scheduler, model_id, api_key=api_key, template_vars=variables)
         bound_host, bound_port = sock.getsockname()[:2]
@@ -101,19 +100,6 @@ def listen(host: str, port: int) -> socket.socket:
                          "pick another --port (or stop what is using this one)") from None
     sock.set_inheritable(True)
     return sock
-
-
-def warm_up(scheduler, tokenizer, timeout: float = WARM_UP_S) -> None:
-    """Run one two-token request through the scheduler, so its first programs are compiled before a
-    client waits on them."""
-    from moecli.inference.sampling import SamplingParams
-    from moecli.serve.scheduler import Done, Request
-
-    finished = threading.Event()
-    prompt = [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("Hello")[:1] or [0]
-    scheduler.submit(Request(prompt=prompt, params=SamplingParams(max_tokens=2),
-                             on_event=lambda ev: isinstance(ev, Done) and finished.set()))
-    finished.wait(timeout)
 
 
 def run_uvicorn(app, sock: socket.socket) -> None:
