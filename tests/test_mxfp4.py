@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import FP4_VALUES, convert_moe_packed_tensors
 
 from hf_models import build, hf_greedy, hf_logits
-from test_quant_kernels import AVX2_OK, COMPILER, cpu_flags, run_python
+from isa_runs import check_isa_case, isa_cases, needs_compiler
+from test_quant_kernels import run_python
 from moecli import generate_tokens, load_model
 from moecli.checkpoints import mxfp4 as mxfp4_checkpoint
 from moecli.errors import ConfigError
@@ -269,37 +270,12 @@ def kernel_error(case: str) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-ISAS = {"native": None, "avx2": "avx2"}
-_results: dict[str, dict] = {}
-
-
-def isa_results(isa: str) -> dict:
-    """{"isa": the library's vector path, "errors": {case: error}} from one process built for `isa`."""
-    if isa not in _results:
-        code = f"""if True:
-            import json
-            from test_mxfp4 import cpu_kernels, kernel_error
-            assert cpu_kernels.available(), cpu_kernels.status()
-            print(json.dumps({{"isa": cpu_kernels.cpu_isa(),
-                              "errors": {{c: kernel_error(c) for c in {[*MATVECS, *EXPERTS]!r}}}}}))
-        """
-        out = run_python(code, **({"MOECLI_CPU_ISA": ISAS[isa]} if ISAS[isa] else {}))
-        _results[isa] = json.loads(out.stdout) if out.returncode == 0 else {"failed": out.stderr[-3000:]}
-    assert "failed" not in _results[isa], _results[isa].get("failed")
-    return _results[isa]
-
-
-needs_compiler = pytest.mark.skipif(not COMPILER, reason="no C++ compiler: the CPU kernels cannot be built")
-ISA_CASES = [pytest.param(isa, case, marks=[needs_compiler, pytest.mark.skipif(
-    isa == "avx2" and not AVX2_OK, reason="this CPU cannot run AVX2 code")]) for isa in ISAS for case in [*MATVECS, *EXPERTS]]
+ISA_CASES = isa_cases([*MATVECS, *EXPERTS])
 
 
 @pytest.mark.parametrize("isa,case", ISA_CASES)
 def test_kernel_equals_reference(isa, case):
-    result = isa_results(isa)
-    assert result["isa"] == ("avx2" if isa == "avx2" else "avx512" if "avx512f" in cpu_flags()
-                             else "avx2" if AVX2_OK else "generic")
-    assert result["errors"][case] < 5e-6, f"{isa} ({result['isa']}): {case}"
+    check_isa_case("test_mxfp4", [*MATVECS, *EXPERTS], isa, case)
 
 
 @needs_compiler
