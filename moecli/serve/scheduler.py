@@ -256,7 +256,7 @@ class Scheduler:
     def _retire(self, live: _Live, reason: str) -> None:
         """End a running request: keep its cache for prefix reuse, and fill its row with the last one."""
         row = self.rows.index(live)
-        if reason != "error":
+        if reason != "error" and self.prefixes.budget > 0:  # (taking a row copies it: not for nothing)
             self.prefixes.store(live.fed, self.batch.take(row))
         last = len(self.rows) - 1
         if row != last:
